@@ -1,0 +1,15 @@
+"""lightning_moshpit: decentralized, fault-tolerant training for PyTorch Lightning.
+
+Importing this package registers the strategy names ``"moshpit"`` and ``"moshpit_dpu"``, so
+``Trainer(strategy="moshpit")`` works after ``import lightning_moshpit``.
+"""
+
+from lightning.pytorch.strategies import StrategyRegistry
+
+from lightning_moshpit.optimizer import AveragingRound, SwarmOptimizer
+from lightning_moshpit.strategy import MoshpitStrategy
+
+__version__ = "0.1.0"
+__all__ = ["AveragingRound", "MoshpitStrategy", "SwarmOptimizer", "__version__"]
+
+MoshpitStrategy.register_strategies(StrategyRegistry)

@@ -1,0 +1,96 @@
+"""Averaging configuration: Moshpit grid keys and compression by name.
+
+**The Moshpit grid.** hivemind forms averaging groups from peers that declare the same *group key* in the DHT. A key
+is a string of bits; after every successful round each member of a group appends ``log2(M)`` fresh bits (a distinct
+index inside its group) and drops the oldest ones (see ``hivemind.averaging.key_manager``). If peers start on a
+d-dimensional grid of side M, i.e. peer ``i`` writes its index in base M as digits ``(c0, c1, ..., c_{d-1})`` and
+declares the key ``bits(c1) + ... + bits(c_{d-1})``, then round 1 averages along ``c0``, round 2 along ``c1`` and so
+on: N = M^d peers hold the exact global average after d rounds, yet every group has only M members.
+
+:func:`grid_group_bits` computes that starting key. The number of key bits adapts to the swarm size: a swarm that fits
+in one group (N <= M) gets the empty key, so small swarms do an exact all-reduce every round.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Callable
+
+from hivemind.compression import (
+    CompressionBase,
+    Float16Compression,
+    NoCompression,
+    ScaledFloat16Compression,
+    SizeAdaptiveCompression,
+    Uniform8BitQuantization,
+)
+
+#: Tensors with at least this many elements get 8-bit compression under ``"size-adaptive"``; smaller ones fp16.
+SIZE_ADAPTIVE_THRESHOLD = 2**16
+
+_COMPRESSIONS: dict[str, Callable[[], CompressionBase]] = {
+    "none": NoCompression,
+    "fp16": Float16Compression,
+    "scaled-fp16": ScaledFloat16Compression,
+    "uint8": Uniform8BitQuantization,
+    "size-adaptive": lambda: SizeAdaptiveCompression(
+        threshold=SIZE_ADAPTIVE_THRESHOLD, less=Float16Compression(), greater_equal=Uniform8BitQuantization()
+    ),
+}
+
+COMPRESSION_NAMES = tuple(_COMPRESSIONS)
+
+
+def make_compression(name: str) -> CompressionBase:
+    """Build one of hivemind's compression schemes from its short name (see ``COMPRESSION_NAMES``)."""
+    if not isinstance(name, str) or name.lower() not in _COMPRESSIONS:
+        raise ValueError(f"`compression` must be one of {list(COMPRESSION_NAMES)}, got {name!r}")
+    return _COMPRESSIONS[name.lower()]()
+
+
+def check_group_size(group_size: int) -> int:
+    """Validate the Moshpit group side M: a power of two, at least 2 (hivemind draws log2(M) key bits per round)."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2 or group_size & (group_size - 1):
+        raise ValueError(f"`group_size` must be a power of two >= 2 (e.g. 2, 4, 8, 16), got {group_size!r}")
+    return group_size
+
+
+def bits_per_dimension(group_size: int) -> int:
+    """How many key bits index one grid coordinate: log2(M)."""
+    return check_group_size(group_size).bit_length() - 1
+
+
+def grid_dimensions(num_peers: int, group_size: int) -> int:
+    """The number of grid dimensions d for a swarm: the smallest d with M^d >= num_peers (at least 1)."""
+    if num_peers <= group_size:
+        return 1
+    return max(1, math.ceil(math.log(num_peers) / math.log(group_size) - 1e-9))
+
+
+def key_length(num_peers: int, group_size: int) -> int:
+    """Number of group-key bits for a swarm of ``num_peers``: (d - 1) * log2(M); 0 when one group holds everyone."""
+    return (grid_dimensions(num_peers, group_size) - 1) * bits_per_dimension(group_size)
+
+
+def grid_group_bits(index: int, num_peers: int, group_size: int) -> str:
+    """The starting group key of the peer with grid position ``index`` in a swarm of ``num_peers``.
+
+    Coordinate ``c1`` sits leftmost because hivemind drops the leftmost bits after each round, so the key moves on to
+    the next grid dimension exactly as the Moshpit paper prescribes.
+
+    >>> [grid_group_bits(i, 8, 2) for i in range(8)]
+    ['00', '00', '10', '10', '01', '01', '11', '11']
+    """
+    if index < 0:
+        raise ValueError(f"`index` must be >= 0, got {index}")
+    nbits = bits_per_dimension(group_size)
+    digits = grid_dimensions(num_peers, group_size)
+    coordinates = [(index // group_size**dim) % group_size for dim in range(digits)]
+    return "".join(format(coordinate, f"0{nbits}b") for coordinate in coordinates[1:])
+
+
+def random_group_bits(length: int, rng: random.Random | None = None) -> str:
+    """A random key of ``length`` bits: used to move a peer that could not find a group to another bucket."""
+    rng = rng or random.Random()
+    return "".join(rng.choice("01") for _ in range(length))

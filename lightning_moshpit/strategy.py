@@ -1,0 +1,464 @@
+"""MoshpitStrategy: decentralized, fault-tolerant data parallelism for Lightning over unreliable machines."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import time
+from collections import deque
+from typing import Any, Callable, Optional, Union
+
+import hivemind
+import torch
+from hivemind.optim.grad_averager import GradientAverager
+from lightning.fabric.strategies.registry import _StrategyRegistry
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.data import extract_batch_size
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+from lightning_moshpit import swarm
+from lightning_moshpit.averaging import check_group_size, make_compression
+from lightning_moshpit.optimizer import AveragingRound, SwarmOptimizer
+
+log = logging.getLogger(__name__)
+
+
+class MoshpitStrategy(SingleDeviceStrategy):
+    """Train one model together with whoever joins the swarm: one process and one device per peer.
+
+    DDP assumes a fixed world that all-reduces every step. A *swarm* instead is whoever shares a ``run_id`` right
+    now: peers join, leave, stall or crash at any time and talk over slow links. Three ideas make that work:
+
+    - **Target global batch.** Each peer accumulates gradients locally and reports how many samples it has
+      processed. When the whole swarm has processed ``target_batch_size`` samples, peers average their gradients
+      and take **one global optimizer step** together, whatever their number or speed. Hyperparameters therefore
+      belong to ``target_batch_size``, not to the number of peers.
+    - **Moshpit averaging.** Peers average in groups of at most ``group_size`` arranged on a virtual grid; groups
+      re-form along the next grid dimension each round, so N = M^d peers reach the exact average in d rounds and
+      a failing peer only drops out of its own group. Swarms of up to ``group_size`` peers average in one group.
+    - **Delayed parameter updates** (``delay_parameter_updates=True``, or ``strategy="moshpit_dpu"``): averaging and
+      the optimizer step run in the background while the next batch is computed, at the cost of one step of
+      staleness.
+
+    The engine is hivemind (DHT, libp2p daemon, decentralized averagers); see :mod:`lightning_moshpit.optimizer`
+    for the fixes that make averaging succeed every round on small swarms.
+
+    Example::
+
+        import lightning as L
+        import lightning_moshpit  # registers "moshpit" and "moshpit_dpu"
+
+        strategy = MoshpitStrategy(target_batch_size=4096, run_id="my_run")
+        trainer = L.Trainer(strategy=strategy, max_steps=10_000)
+        trainer.fit(model, datamodule)
+        # on another machine: MoshpitStrategy(..., initial_peers=strategy.peer_addresses)
+
+    Args:
+        target_batch_size: Samples the whole swarm processes per global optimizer step. Tune the learning rate for
+            this batch size. Default: env ``MOSHPIT_TARGET_BATCH_SIZE``, else 4096. Make one global step last several
+            times ``matchmaking_time``, or averaging overhead shows.
+        run_id: Swarm namespace: peers with the same ``run_id`` (and DHT) train together. Default: env
+            ``MOSHPIT_RUN_ID``, else ``"moshpit"``. Use a unique name per experiment.
+        initial_peers: Multiaddrs of any running peer (list or comma-separated string), e.g. another peer's
+            :attr:`peer_addresses`. Default: env ``MOSHPIT_INITIAL_PEERS``; empty starts a new swarm.
+        host_maddrs: Where this peer listens. Default: env ``MOSHPIT_HOST_MADDRS``, else ``["/ip4/0.0.0.0/tcp/0"]``
+            (every interface, a free port). Use ``/ip4/127.0.0.1/tcp/0`` for a swarm on one machine.
+        matchmaking_time: Seconds a peer waits to gather its averaging group. 1-3 s on a LAN, 5-15 s over the
+            internet or with many peers. One global step never takes less than this.
+        averaging_timeout: Give up on an averaging round after this many seconds and step with local gradients.
+            Must exceed ``matchmaking_time``; about twice the time an all-reduce really takes.
+        batch_size: Samples per local batch. ``None`` infers it from every batch (a short last batch is counted
+            correctly); set it when your batches are not tensors or collections of tensors.
+        group_size: Moshpit group side M, a power of two: peers average in groups of at most M on a grid. Swarms of
+            at most M peers average as one group. Lower it for large swarms on slow links.
+        delay_parameter_updates: Average and step in the background while the next batch computes (DeDLOC's DPU).
+            Hides communication; gradients are one global step stale. Needs an optimizer hivemind can rebuild.
+        local_updates: Moshpit-SGD / local-SGD mode: every peer takes a local optimizer step every batch, and the
+            swarm averages *parameters* every ``average_state_every`` global steps instead of averaging gradients.
+        average_state_every: Average parameters (and floating buffers) every this many global steps.
+        compression: Wire format for averaging: ``"none"``, ``"fp16"``, ``"scaled-fp16"``, ``"uint8"`` or
+            ``"size-adaptive"`` (uint8 for large tensors, fp16 for small ones).
+        client_mode: Set for a peer behind NAT or a firewall: it connects out but accepts no connections.
+        announce_maddrs: Public multiaddrs to advertise when the listening address is not reachable from outside.
+        identity_path: File with this peer's private key, so its peer id (and join address) survives restarts.
+        min_peers: Start barrier: before the first step wait until this many peers (this one included) are visible.
+        min_peers_timeout: Wait at most this many seconds for ``min_peers``, then start with whoever is there.
+        bootstrap_timeout: Seconds to reach ``initial_peers`` before raising a ``ConnectionError`` naming them.
+        verbose: Log hivemind's progress messages (rounds, peers, state downloads) at INFO level.
+        **optimizer_kwargs: Passed through to ``hivemind.Optimizer`` (e.g. ``load_state_timeout``,
+            ``averager_opts``, ``tracker_opts``, ``reuse_grad_buffers``).
+    """
+
+    strategy_name = "moshpit"
+
+    def __init__(
+        self,
+        target_batch_size: Optional[int] = None,
+        run_id: Optional[str] = None,
+        initial_peers: swarm.MaddrsArg = None,
+        host_maddrs: swarm.MaddrsArg = None,
+        matchmaking_time: float = 5.0,
+        averaging_timeout: float = 30.0,
+        batch_size: Optional[int] = None,
+        group_size: int = 16,
+        delay_parameter_updates: bool = False,
+        local_updates: bool = False,
+        average_state_every: int = 1,
+        compression: str = "none",
+        client_mode: bool = False,
+        announce_maddrs: swarm.MaddrsArg = None,
+        identity_path: Optional[str] = None,
+        min_peers: int = 1,
+        min_peers_timeout: float = 60.0,
+        bootstrap_timeout: float = 30.0,
+        verbose: bool = False,
+        accelerator: Any = None,
+        checkpoint_io: Any = None,
+        precision_plugin: Optional[Precision] = None,
+        **optimizer_kwargs: Any,
+    ) -> None:
+        super().__init__(
+            device="cpu", accelerator=accelerator, checkpoint_io=checkpoint_io, precision_plugin=precision_plugin
+        )
+        self.target_batch_size = swarm.resolve_target_batch_size(target_batch_size)
+        self.run_id = swarm.resolve_run_id(run_id)
+        self.initial_peers = swarm.resolve_initial_peers(initial_peers)
+        self.host_maddrs = swarm.resolve_host_maddrs(host_maddrs)
+        self.announce_maddrs = swarm.parse_maddrs(announce_maddrs, "announce_maddrs")
+        self.matchmaking_time = _positive_float(matchmaking_time, "matchmaking_time")
+        self.averaging_timeout = _positive_float(averaging_timeout, "averaging_timeout")
+        if self.averaging_timeout <= self.matchmaking_time:
+            raise ValueError(
+                f"`averaging_timeout` ({averaging_timeout}) must be greater than `matchmaking_time` "
+                f"({matchmaking_time}): a round first spends matchmaking_time gathering its group"
+            )
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0):
+            raise ValueError(f"`batch_size` must be a positive integer or None (infer from batches), got {batch_size!r}")
+        self.batch_size = batch_size
+        self.group_size = check_group_size(group_size)
+        if delay_parameter_updates and local_updates:
+            raise ValueError(
+                "`delay_parameter_updates=True` cannot be combined with `local_updates=True`: local updates already "
+                "step every batch and average parameters in the background"
+            )
+        self.delay_parameter_updates = bool(delay_parameter_updates)
+        self.local_updates = bool(local_updates)
+        self.average_state_every = _positive_int(average_state_every, "average_state_every")
+        make_compression(compression)  # validate the name now rather than at fit time
+        self.compression = compression.lower()
+        self.client_mode = bool(client_mode)
+        self.identity_path = identity_path
+        self.min_peers = _positive_int(min_peers, "min_peers")
+        self.min_peers_timeout = _positive_float(min_peers_timeout, "min_peers_timeout")
+        self.bootstrap_timeout = _positive_float(bootstrap_timeout, "bootstrap_timeout")
+        self.verbose = bool(verbose)
+        self.optimizer_kwargs = _check_optimizer_kwargs(optimizer_kwargs)
+        self.parallel_devices: Optional[list[torch.device]] = None  # filled in by Lightning's accelerator connector
+
+        self._dht: Optional[hivemind.DHT] = None
+        self._swarm_optimizer: Optional[SwarmOptimizer] = None
+        self._finished_rounds: list[AveragingRound] = []
+        self._finished_global_step = 0
+        self._samples_since_step = 0
+        self._epoch_times: deque[tuple[float, int]] = deque(maxlen=32)
+
+    # ------------------------------------------------------------------------------------------ registration
+    @classmethod
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        strategy_registry.register(
+            "moshpit", cls, description="Decentralized Moshpit averaging over a hivemind swarm", override=True
+        )
+        strategy_registry.register(
+            "moshpit_dpu",
+            cls,
+            description="Moshpit averaging with delayed parameter updates (background averaging and optimizer step)",
+            delay_parameter_updates=True,
+            override=True,
+        )
+
+    # ------------------------------------------------------------------------------------------ swarm access
+    @property
+    def root_device(self) -> torch.device:
+        if self.parallel_devices:
+            return self.parallel_devices[0]
+        return torch.device("cpu")
+
+    @property
+    def dht(self) -> hivemind.DHT:
+        """This peer's hivemind DHT, started on first use."""
+        if self._dht is None:
+            swarm.check_platform()
+            self._dht = swarm.start_dht(
+                initial_peers=self.initial_peers,
+                host_maddrs=self.host_maddrs,
+                announce_maddrs=self.announce_maddrs,
+                client_mode=self.client_mode,
+                identity_path=self.identity_path,
+                startup_timeout=self.bootstrap_timeout,
+            )
+        return self._dht
+
+    @property
+    def peer_addresses(self) -> list[str]:
+        """Multiaddrs other peers pass as ``initial_peers`` to join this swarm (starts the DHT if needed)."""
+        return swarm.visible_addresses(self.dht)
+
+    @property
+    def swarm_optimizer(self) -> Optional[SwarmOptimizer]:
+        """The collaborative optimizer while fitting, else ``None``."""
+        return self._swarm_optimizer
+
+    @property
+    def global_step(self) -> int:
+        """The swarm's global optimizer step (hivemind epoch) this peer is at; after fit, where it ended."""
+        return self._swarm_optimizer.local_epoch if self._swarm_optimizer is not None else self._finished_global_step
+
+    @property
+    def num_peers(self) -> int:
+        """Peers in the swarm as last seen by this peer (at least 1 while fitting)."""
+        return self._swarm_optimizer.num_peers if self._swarm_optimizer is not None else 0
+
+    @property
+    def averaging_rounds(self) -> list[AveragingRound]:
+        """Every gradient-averaging round this peer took part in during the current (or last) fit."""
+        return list(self._swarm_optimizer.rounds) if self._swarm_optimizer is not None else list(self._finished_rounds)
+
+    # ------------------------------------------------------------------------------------------ Lightning hooks
+    def setup_optimizers(self, trainer: Trainer) -> None:
+        super().setup_optimizers(trainer)
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        if len(self.optimizers) != 1:
+            raise ValueError(
+                f"MoshpitStrategy supports exactly one optimizer, but configure_optimizers returned "
+                f"{len(self.optimizers)}. Combine parameter groups into one optimizer."
+            )
+        scheduler = self._take_scheduler()
+        self._swarm_optimizer = self._make_swarm_optimizer(self.optimizers[0], scheduler)
+        self._swarm_optimizer.batch_size_source = self._take_sample_count
+        self.optimizers = [self._swarm_optimizer]
+        addresses = self.peer_addresses
+        rank_zero_info(f"[moshpit] run_id={self.run_id}; {swarm.join_command_hint(addresses, self.run_id)}")
+        seen = self._swarm_optimizer.join_swarm(self.min_peers, self.min_peers_timeout)
+        rank_zero_info(f"[moshpit] started with {seen} peer(s) visible, at global step {self.global_step}")
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        batch = args[0] if args else kwargs.get("batch")
+        self._samples_since_step += self._batch_size_of(batch)
+        return super().training_step(*args, **kwargs)
+
+    def optimizer_step(
+        self,
+        optimizer: Any,
+        closure: Callable[[], Any],
+        model: Optional[Union[LightningModule, torch.nn.Module]] = None,
+        **kwargs: Any,
+    ) -> Any:
+        swarm_optimizer = self._swarm_optimizer
+        if swarm_optimizer is None:
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        self._log_swarm_metrics()
+        return output
+
+    def teardown(self) -> None:
+        """Leave the swarm: say goodbye to peers, stop averagers, the DHT and its p2pd daemon."""
+        if self._swarm_optimizer is not None:
+            self._finished_rounds = list(self._swarm_optimizer.rounds)
+            self._finished_global_step = self._swarm_optimizer.local_epoch
+            try:
+                self._swarm_optimizer.shutdown()
+            finally:
+                self._swarm_optimizer = None
+        if self._dht is not None:
+            self._dht.shutdown()
+            self._dht = None
+        super().teardown()
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def _take_sample_count(self) -> int:
+        """Samples seen by ``training_step`` since the previous optimizer step (then reset to zero)."""
+        count, self._samples_since_step = self._samples_since_step, 0
+        return count
+
+    def _batch_size_of(self, batch: Any) -> int:
+        if self.batch_size is not None:
+            return self.batch_size
+        try:
+            return extract_batch_size(batch)
+        except Exception as error:
+            raise ValueError(
+                f"MoshpitStrategy could not infer the batch size from a batch of type {type(batch).__name__} "
+                f"({error}); pass MoshpitStrategy(batch_size=...)"
+            ) from None
+
+    def _take_scheduler(self) -> Optional[Any]:
+        """Hand the (single) LR scheduler to hivemind, which steps it once per *global* step.
+
+        Lightning keeps a view whose ``step`` does nothing, so the scheduler is not also stepped per local batch.
+        """
+        if not self.lr_scheduler_configs:
+            return None
+        if len(self.lr_scheduler_configs) > 1:
+            raise ValueError("MoshpitStrategy supports at most one learning-rate scheduler")
+        config = self.lr_scheduler_configs[0]
+        if isinstance(config.scheduler, ReduceLROnPlateau):
+            raise ValueError(
+                "MoshpitStrategy does not support ReduceLROnPlateau: schedulers step once per global step on every "
+                "peer, and a monitored metric differs between peers. Use a step-based scheduler instead."
+            )
+        scheduler = config.scheduler
+        config.scheduler = _GlobalStepScheduler(scheduler)
+        return scheduler
+
+    def _make_swarm_optimizer(self, optimizer: torch.optim.Optimizer, scheduler: Optional[Any]) -> SwarmOptimizer:
+        module = self.lightning_module
+        buffers = [buffer for buffer in module.buffers() if buffer.is_floating_point()]
+        compression = make_compression(self.compression)
+        kwargs = dict(self.optimizer_kwargs)
+        averager_opts = dict(request_timeout=0.4 * self.matchmaking_time, target_group_size=self.group_size)
+        averager_opts.update(kwargs.pop("averager_opts", None) or {})
+        # Refresh the swarm's progress often relative to matchmaking: a stale view makes a peer count only its own
+        # samples toward target_batch_size and overshoot it.
+        tracker_opts = dict(
+            default_refresh_period=min(0.5, self.matchmaking_time / 4),
+            min_refresh_period=min(0.5, self.matchmaking_time / 20),
+            max_refresh_period=max(0.25, self.matchmaking_time / 4),
+        )
+        tracker_opts.update(kwargs.pop("tracker_opts", None) or {})
+        dpu = self.delay_parameter_updates
+        if dpu:
+            kwargs.setdefault("offload_optimizer", True)
+        if not self.local_updates and "grad_averager_factory" not in kwargs:
+            # hivemind forwards averager_opts to the state averager only; the gradient averager needs them too
+            kwargs["grad_averager_factory"] = functools.partial(GradientAverager, **averager_opts)
+        return SwarmOptimizer(
+            group_size=self.group_size,
+            dht=self.dht,
+            run_id=self.run_id,
+            target_batch_size=self.target_batch_size,
+            optimizer=_optimizer_factory(optimizer),
+            params=[dict(group) for group in optimizer.param_groups],
+            scheduler=_rebinding_scheduler_factory(scheduler) if scheduler is not None else None,
+            matchmaking_time=self.matchmaking_time,
+            averaging_timeout=self.averaging_timeout,
+            delay_optimizer_step=dpu,
+            delay_grad_averaging=dpu,
+            use_local_updates=self.local_updates,
+            average_state_every=self.average_state_every,
+            client_mode=self.client_mode,
+            grad_compression=compression,
+            state_averaging_compression=compression,
+            extra_tensors=buffers,
+            averager_opts=averager_opts,
+            tracker_opts=tracker_opts,
+            verbose=self.verbose,
+            **kwargs,
+        )
+
+    def _log_swarm_metrics(self) -> None:
+        swarm_optimizer = self._swarm_optimizer
+        module = self.lightning_module
+        if swarm_optimizer is None or module is None or module._current_fx_name is None:
+            return
+        now, epoch = time.monotonic(), swarm_optimizer.local_epoch
+        if not self._epoch_times or self._epoch_times[-1][1] != epoch:
+            self._epoch_times.append((now, epoch))
+        metrics = {
+            "moshpit/num_peers": float(swarm_optimizer.num_peers),
+            "moshpit/global_step": float(epoch),
+        }
+        module.log_dict(metrics, prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
+        extra: dict[str, float] = {}
+        (first_time, first_epoch), (last_time, last_epoch) = self._epoch_times[0], self._epoch_times[-1]
+        if last_epoch > first_epoch and last_time > first_time:
+            extra["moshpit/samples_per_second"] = (
+                self.target_batch_size * (last_epoch - first_epoch) / (last_time - first_time)
+            )
+        rounds = swarm_optimizer.rounds
+        if rounds:
+            extra["moshpit/averaging_success_rate"] = sum(r.succeeded for r in rounds) / len(rounds)
+            extra["moshpit/group_size"] = float(rounds[-1].group_size)
+        if extra:
+            module.log_dict(extra, on_step=True, on_epoch=False, batch_size=1)
+
+
+class _GlobalStepScheduler:
+    """What Lightning sees of a scheduler that hivemind steps once per global step: ``step()`` does nothing here.
+
+    Everything else (``get_last_lr``, ``state_dict`` for checkpoints, ...) is forwarded to the real scheduler.
+    """
+
+    def __init__(self, scheduler: Any) -> None:
+        self.__dict__["scheduler"] = scheduler
+
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        """Ignored: hivemind steps the scheduler when the swarm completes a global step."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["scheduler"], name)
+
+
+def _optimizer_factory(optimizer: torch.optim.Optimizer) -> Callable[[Any], torch.optim.Optimizer]:
+    """A callable that rebuilds ``optimizer``'s class with its hyperparameters on new parameters.
+
+    hivemind needs a factory (not an instance) to offload the optimizer or run it in the background. Keys of
+    ``optimizer.defaults`` that the constructor does not accept (e.g. internal flags) are dropped.
+    """
+    cls = type(optimizer)
+    signature = inspect.signature(cls.__init__)
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+    defaults = {k: v for k, v in optimizer.defaults.items() if accepts_any or k in signature.parameters}
+
+    def make(params: Any) -> torch.optim.Optimizer:
+        return cls(params, **defaults)
+
+    return make
+
+
+def _rebinding_scheduler_factory(scheduler: Any) -> Callable[[torch.optim.Optimizer], Any]:
+    """hivemind rebuilds the optimizer; point the user's scheduler at the rebuilt one instead of recreating it."""
+
+    def make(optimizer: torch.optim.Optimizer) -> Any:
+        scheduler.optimizer = optimizer
+        return scheduler
+
+    return make
+
+
+_OWN_OPTIMIZER_KWARGS = {
+    "dht", "run_id", "target_batch_size", "optimizer", "params", "scheduler", "matchmaking_time", "averaging_timeout",
+    "use_local_updates", "average_state_every", "client_mode", "grad_compression", "state_averaging_compression",
+    "extra_tensors", "verbose", "batch_size_per_step", "delay_optimizer_step", "delay_grad_averaging",
+}  # fmt: skip
+
+
+def _check_optimizer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Reject keyword arguments that neither MoshpitStrategy nor ``hivemind.Optimizer`` understands."""
+    accepted = set(inspect.signature(hivemind.Optimizer.__init__).parameters) - {"self"} - _OWN_OPTIMIZER_KWARGS
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        owned = sorted(set(kwargs) & _OWN_OPTIMIZER_KWARGS)
+        hint = f" ({owned} are set through MoshpitStrategy's own arguments)" if owned else ""
+        raise TypeError(
+            f"MoshpitStrategy got unexpected keyword argument(s) {unknown}{hint}. Extra keyword arguments go to "
+            f"hivemind.Optimizer, which accepts: {sorted(accepted)}"
+        )
+    return kwargs
+
+
+def _positive_float(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
+        raise ValueError(f"`{name}` must be a positive, finite number of seconds, got {value!r}")
+    return float(value)
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+    return value

@@ -1,0 +1,111 @@
+"""Start peer processes on 127.0.0.1 and make sure every one of them ends.
+
+Each peer runs in its own process group, so stopping it also stops the p2pd daemon and averager processes that
+hivemind starts under it. :class:`LocalSwarm` is a context manager: leaving the ``with`` block kills whatever is still
+running, even when a test fails or times out.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Optional
+
+PEER_MODULE = "lightning_moshpit.testing.peer"
+
+
+class LocalSwarm:
+    """Launches ``python -m lightning_moshpit.testing.peer`` processes that form one swarm on loopback.
+
+    The first peer started writes its multiaddrs to a file; later peers read it and join through
+    ``MOSHPIT_INITIAL_PEERS``. Logs go to ``<workdir>/peerN.log`` and reports to ``<workdir>/peerN.json``.
+    """
+
+    def __init__(self, workdir: Path, run_id: str, env: Optional[dict[str, str]] = None) -> None:
+        self.workdir, self.run_id = Path(workdir), run_id
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.env = dict(env or {})
+        self.processes: list[subprocess.Popen] = []
+        self._logs: list[IO[bytes]] = []
+        self.address_file = self.workdir / "bootstrap.addr"
+
+    def start_peer(self, args: Sequence[str] = (), bootstrap: Optional[bool] = None) -> int:
+        """Start one peer; the first becomes the bootstrap peer unless ``bootstrap`` says otherwise. Returns its index."""
+        index = len(self.processes)
+        bootstrap = index == 0 if bootstrap is None else bootstrap
+        env = {**os.environ, "MOSHPIT_RUN_ID": self.run_id, "MOSHPIT_HOST_MADDRS": "/ip4/127.0.0.1/tcp/0"}
+        env.update(self.env)
+        env.pop("MOSHPIT_INITIAL_PEERS", None)
+        command = [sys.executable, "-m", PEER_MODULE, "--out", str(self.report_path(index)), *args]
+        if bootstrap:
+            command += ["--address-file", str(self.address_file)]
+        else:
+            env["MOSHPIT_INITIAL_PEERS"] = self.wait_for_bootstrap()
+        log = open(self.workdir / f"peer{index}.log", "wb")
+        self._logs.append(log)
+        self.processes.append(
+            subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        )
+        return index
+
+    def wait_for_bootstrap(self, timeout: float = 60.0) -> str:
+        """The bootstrap peer's multiaddrs, once it has written them."""
+        deadline = time.monotonic() + timeout
+        while not self.address_file.exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"bootstrap peer wrote no address within {timeout} s; see {self.workdir}/peer0.log")
+            if self.processes and self.processes[0].poll() is not None:
+                raise RuntimeError(f"bootstrap peer exited early: {self.log(0)[-3000:]}")
+            time.sleep(0.1)
+        return self.address_file.read_text()
+
+    def report_path(self, index: int) -> Path:
+        return self.workdir / f"peer{index}.json"
+
+    def log(self, index: int) -> str:
+        return (self.workdir / f"peer{index}.log").read_text(errors="replace")
+
+    def wait(self, timeout: float) -> list[int]:
+        """Wait for every peer to exit (raising ``TimeoutError`` after ``timeout`` s); returns exit codes."""
+        deadline = time.monotonic() + timeout
+        codes = []
+        for index, process in enumerate(self.processes):
+            try:
+                codes.append(process.wait(timeout=max(0.1, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                raise TimeoutError(f"peer {index} still running after {timeout} s:\n{self.log(index)[-3000:]}") from None
+        return codes
+
+    def signal_peer(self, index: int, signum: int) -> None:
+        """Send ``signum`` to a peer's whole process group (the peer, its averagers and its p2pd)."""
+        try:
+            os.killpg(self.processes[index].pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def stop(self) -> None:
+        """Kill every peer's process group that is still alive, then reap them."""
+        for index, process in enumerate(self.processes):
+            if process.poll() is None:
+                self.signal_peer(index, signal.SIGCONT)
+                self.signal_peer(index, signal.SIGKILL)
+            else:  # the peer exited; its children (p2pd) must not outlive it
+                self.signal_peer(index, signal.SIGKILL)
+        for process in self.processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        for log in self._logs:
+            log.close()
+
+    def __enter__(self) -> "LocalSwarm":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

@@ -1,0 +1,170 @@
+"""A peer program: train a small model with ``strategy="moshpit"`` and write what happened to a JSON file.
+
+Run one per process, e.g. ``python -m lightning_moshpit.testing.peer --out peer0.json --max-steps 50``. Swarm settings
+come from the usual environment variables (``MOSHPIT_RUN_ID``, ``MOSHPIT_INITIAL_PEERS``, ...), so the same command
+starts a swarm or joins one. The data is generated from a fixed seed (a random "teacher" network labels Gaussian
+inputs), so every peer samples from the same task without downloading anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning_moshpit
+from lightning_moshpit import MoshpitStrategy
+
+
+def make_task(num_samples: int, num_features: int = 16, num_classes: int = 4, seed: int = 0) -> TensorDataset:
+    """Gaussian inputs labelled by a fixed random teacher network: learnable, offline, deterministic."""
+    generator = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(num_features, num_classes, generator=generator)
+    inputs = torch.randn(num_samples, num_features, generator=generator)
+    labels = (inputs @ teacher + 0.1 * torch.randn(num_samples, num_classes, generator=generator)).argmax(dim=1)
+    return TensorDataset(inputs, labels)
+
+
+class TinyClassifier(L.LightningModule):
+    """An MLP (optionally with BatchNorm) with an optional sleep per step that stands in for heavy compute."""
+
+    def __init__(self, hidden: int = 32, batch_norm: bool = False, lr: float = 0.1, compute_seconds: float = 0.0,
+                 scheduler: bool = False) -> None:  # fmt: skip
+        super().__init__()
+        layers: list[nn.Module] = [nn.Linear(16, hidden)]
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(hidden))
+        layers += [nn.ReLU(), nn.Linear(hidden, 4)]
+        self.net = nn.Sequential(*layers)
+        self.lr, self.compute_seconds, self.use_scheduler = lr, compute_seconds, scheduler
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        inputs, labels = batch
+        if self.compute_seconds:
+            time.sleep(self.compute_seconds)
+        loss = nn.functional.cross_entropy(self.net(inputs), labels)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        if not self.use_scheduler:
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class SwarmRecorder(L.Callback):
+    """Records, per global step, this peer's flattened parameters and the loss, for the test to compare."""
+
+    def __init__(self) -> None:
+        self.snapshots: dict[int, list[float]] = {}
+        self.losses: list[float] = []
+        self.step_times: list[float] = []
+        self.first_step_global: Optional[int] = None
+        self.first_step_params: Optional[list[float]] = None
+        self.lrs: dict[int, float] = {}
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.first_step_global is None:
+            self.first_step_global = trainer.strategy.global_step
+            self.first_step_params = _flat(module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:  # fmt: skip
+        self.step_times.append(time.time())
+        self.losses.append(float(outputs["loss"]))
+        epoch = trainer.strategy.global_step
+        self.snapshots.setdefault(epoch, _flat(module))
+        self.lrs.setdefault(epoch, trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def _flat(module: nn.Module) -> list[float]:
+    tensors = [p.detach().float().flatten() for p in module.parameters()]
+    tensors += [b.detach().float().flatten() for b in module.buffers() if b.is_floating_point()]
+    return torch.cat(tensors).cpu().tolist()
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, required=True, help="where to write the JSON report")
+    parser.add_argument("--max-steps", type=int, default=50, help="local optimizer steps (Trainer max_steps)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--samples", type=int, default=4096, help="size of the generated dataset")
+    parser.add_argument("--seed", type=int, default=0, help="model init seed (data seed is fixed)")
+    parser.add_argument("--accumulate", type=int, default=1, help="Trainer accumulate_grad_batches")
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--batch-norm", action="store_true")
+    parser.add_argument("--scheduler", action="store_true")
+    parser.add_argument("--compute-seconds", type=float, default=0.0, help="sleep per batch to emulate compute")
+    parser.add_argument("--solo", action="store_true", help="train alone without any strategy (baseline)")
+    parser.add_argument("--min-peers", type=int, default=1)
+    parser.add_argument("--matchmaking-time", type=float, default=1.0)
+    parser.add_argument("--averaging-timeout", type=float, default=10.0)
+    parser.add_argument("--group-size", type=int, default=16)
+    parser.add_argument("--dpu", action="store_true", help="delayed parameter updates")
+    parser.add_argument("--ckpt-dir", type=Path, default=None, help="save a checkpoint every global step here")
+    parser.add_argument("--resume", type=Path, default=None, help="ckpt_path to resume from")
+    parser.add_argument("--verbose", action="store_true", help="log hivemind's progress messages")
+    parser.add_argument("--address-file", type=Path, default=None, help="write this peer's multiaddrs here")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(1)
+    L.seed_everything(args.seed, verbose=False)
+    model = TinyClassifier(batch_norm=args.batch_norm, compute_seconds=args.compute_seconds, scheduler=args.scheduler)
+    data = DataLoader(make_task(args.samples), batch_size=args.batch_size, shuffle=True,
+                      generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
+    recorder = SwarmRecorder()
+    callbacks: list[L.Callback] = [recorder]
+    if args.ckpt_dir is not None:
+        callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=args.ckpt_dir, save_last=True,
+                                                             every_n_train_steps=1, save_top_k=0))  # fmt: skip
+    strategy: Any = "auto"
+    if not args.solo:
+        strategy = MoshpitStrategy(
+            min_peers=args.min_peers,
+            matchmaking_time=args.matchmaking_time,
+            averaging_timeout=args.averaging_timeout,
+            group_size=args.group_size,
+            delay_parameter_updates=args.dpu,
+            verbose=args.verbose,
+            host_maddrs=os.environ.get("MOSHPIT_HOST_MADDRS", "/ip4/127.0.0.1/tcp/0"),
+        )
+        if args.address_file is not None:
+            tmp = args.address_file.with_suffix(".tmp")
+            tmp.write_text(",".join(strategy.peer_addresses))
+            tmp.rename(args.address_file)
+    trainer = L.Trainer(
+        strategy=strategy, accelerator="cpu", devices=1, max_steps=args.max_steps, max_epochs=-1,
+        accumulate_grad_batches=args.accumulate, precision=args.precision, logger=False,
+        enable_checkpointing=args.ckpt_dir is not None, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=callbacks,
+    )  # fmt: skip
+    started = time.time()
+    trainer.fit(model, data, ckpt_path=args.resume)
+    report = {
+        "wall_seconds": time.time() - started,
+        "local_steps": trainer.global_step,
+        "global_step": trainer.strategy.global_step if not args.solo else None,
+        "rounds": [vars(r) for r in trainer.strategy.averaging_rounds] if not args.solo else [],
+        "snapshots": recorder.snapshots,
+        "first_step_global": recorder.first_step_global,
+        "first_step_params": recorder.first_step_params,
+        "final_params": _flat(model),
+        "losses": recorder.losses,
+        "lrs": recorder.lrs,
+        "version": lightning_moshpit.__version__,
+    }
+    args.out.write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+# lightning_moshpit developer entry points. Everything installs into .venv with pinned torch (see DESIGN notes):
+# torch==2.13.0 is a CPU wheel that installs fast; a bare `torch` would pull a multi-GB CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: venv install install-dev test test-quick demo lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+venv: $(BIN)/python
+
+install: venv
+	$(BIN)/pip install --quiet $(TORCH_PIN)
+	$(BIN)/pip install --quiet -e ".[examples]"
+
+install-dev: venv
+	$(BIN)/pip install --quiet $(TORCH_PIN)
+	$(BIN)/pip install --quiet -e ".[dev,examples]"
+
+## make test: install the dev extras and run the whole suite (multi-peer tests included)
+test: install-dev
+	$(BIN)/python -m pytest -ra
+
+## make test-quick: only the fast tests (no multi-peer scenarios)
+test-quick: install-dev
+	$(BIN)/python -m pytest -ra -m "not slow"
+
+## make demo: a local swarm of 3 peers on 127.0.0.1 training on scikit-learn's digits; exits by itself
+demo: install
+	$(BIN)/python examples/local_swarm.py --peers 3
+
+lint: install-dev
+	$(BIN)/ruff check lightning_moshpit tests examples benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache lightning_logs

@@ -90,6 +90,19 @@ def grid_group_bits(index: int, num_peers: int, group_size: int) -> str:
     return "".join(format(coordinate, f"0{nbits}b") for coordinate in coordinates[1:])
 
 
+def averager_options(group_size: int, matchmaking_time: float, group_bits: str = "") -> dict:
+    """Keyword arguments for a hivemind averager that joins the Moshpit grid in bucket ``group_bits``.
+
+    ``request_timeout`` is 0.4 x ``matchmaking_time``: hivemind warns (and can deadlock) when a follower waits for a
+    leader's answer as long as the leader gathers its group.
+    """
+    return dict(
+        target_group_size=check_group_size(group_size),
+        request_timeout=0.4 * matchmaking_time,
+        initial_group_bits=group_bits,
+    )
+
+
 def random_group_bits(length: int, rng: random.Random | None = None) -> str:
     """A random key of ``length`` bits: used to move a peer that could not find a group to another bucket."""
     rng = rng or random.Random()

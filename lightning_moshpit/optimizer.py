@@ -33,7 +33,8 @@ from typing import Any, Callable, Optional
 import hivemind
 import torch
 from hivemind.averaging.control import StepControl
-from hivemind.utils import get_dht_time
+from hivemind.optim.progress_tracker import ProgressTracker
+from hivemind.utils import ValueWithExpiration, get_dht_time
 
 from lightning_moshpit.averaging import grid_group_bits, key_length, random_group_bits
 
@@ -54,6 +55,26 @@ class AveragingRound:
     time: float  #: wall-clock time (``time.time()``) when the round ended
 
 
+class SwarmProgressTracker(ProgressTracker):
+    """hivemind's ProgressTracker, but this peer's own samples always come from local truth, not from the DHT.
+
+    Stock hivemind replaces its whole view with the DHT records on every refresh, including its *own* record, which
+    lags behind by the asynchronous store. Right after a refresh the peer then undercounts its own samples and
+    overshoots ``target_batch_size``. Substituting the live local record keeps the count exact for this peer.
+    """
+
+    def _parse_swarm_progress_data(self, metadata: Any) -> Any:
+        if isinstance(metadata, dict) and metadata:
+            own = self.local_progress
+            metadata = {
+                subkey: record
+                for subkey, record in metadata.items()
+                if not (isinstance(getattr(record, "value", None), dict) and record.value.get("peer_id") == own.peer_id)
+            }
+            metadata[self._local_public_key] = ValueWithExpiration(own.dict(), float("inf"))
+        return super()._parse_swarm_progress_data(metadata)
+
+
 class SwarmOptimizer(hivemind.Optimizer):
     """A ``hivemind.Optimizer`` that never books averaging rounds while alone and records every round.
 
@@ -69,9 +90,22 @@ class SwarmOptimizer(hivemind.Optimizer):
         self.group_size = group_size
         self.rounds: list[AveragingRound] = []
         self.batch_size_source: Optional[Callable[[], int]] = None
+        self.samples_reported = 0  #: samples this peer has contributed through step() since it was created
         self._rounds_lock = threading.Lock()
         self._failures_in_a_row = 0
+        self._key_length = 0  # bits in this peer's current grid key (0: the whole swarm is one group)
         super().__init__(**kwargs)
+
+    def _make_progress_tracker(self, target_batch_size: int, **kwargs: Any) -> ProgressTracker:
+        return SwarmProgressTracker(
+            dht=self.dht,
+            prefix=self.run_id,
+            target_batch_size=target_batch_size,
+            client_mode=self.client_mode,
+            status_loglevel=self.status_loglevel,
+            start=True,
+            **kwargs,
+        )
 
     # ----------------------------------------------------------------------------------------------- swarm start
     @property
@@ -132,7 +166,9 @@ class SwarmOptimizer(hivemind.Optimizer):
 
         my_id = self.dht.peer_id.to_bytes()
         index = peers.index(my_id) if my_id in peers else random.randrange(max(1, len(peers)))
-        self.set_group_bits(grid_group_bits(index, max(len(peers), 1), self.group_size))
+        bits = grid_group_bits(index, max(len(peers), 1), self.group_size)
+        self._key_length = len(bits)
+        self.set_group_bits(bits)
         return len(peers)
 
     def averagers(self) -> list[hivemind.DecentralizedAverager]:
@@ -172,29 +208,47 @@ class SwarmOptimizer(hivemind.Optimizer):
         )
         with self._rounds_lock:
             self.rounds.append(record)
-        if record.succeeded:
-            self._failures_in_a_row = 0
+        self._failures_in_a_row = 0 if record.succeeded else self._failures_in_a_row + 1
+        wanted_length = key_length(record.swarm_size, self.group_size)
+        if record.succeeded and wanted_length == self._key_length:
             return
-        self._failures_in_a_row += 1
-        if self._failures_in_a_row >= WEDGED_AFTER_FAILURES and record.swarm_size > 1:
-            bits = random_group_bits(key_length(record.swarm_size, self.group_size))
+        if not record.succeeded and wanted_length == 0 and self._failures_in_a_row >= WEDGED_AFTER_FAILURES:
             log.warning(
-                f"{self._failures_in_a_row} averaging rounds in a row found no group while {record.swarm_size} peers "
-                f"are visible; moving this peer to group key {bits!r}"
+                f"{self._failures_in_a_row} gradient-averaging rounds in a row found no group although "
+                f"{record.swarm_size} peers are visible; the averager may be wedged (see docs/concepts.md)"
             )
-            self.set_group_bits(bits)
-            self._failures_in_a_row = 0
+        if wanted_length or self._key_length:
+            # the swarm outgrew (or shrank below) the grid, or this peer sat alone in a grid bucket: new bucket
+            self._key_length = wanted_length
+            self.set_group_bits(random_group_bits(wanted_length))
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore optimizer state and the global step (e.g. from a Lightning checkpoint), and tell the swarm."""
+        super().load_state_dict(state_dict)
+        with self.tracker.pause_updates():
+            self.tracker.update_epoch(self.local_epoch)  # otherwise the tracker counts samples toward the old epoch
+        if not self.client_mode:
+            self.state_averager.state_sharing_priority = self.local_epoch
+        self.announce()
 
     # -------------------------------------------------------------------------------------------------- stepping
     def step(self, closure: Any = None, batch_size: Optional[int] = None, grad_scaler: Any = None) -> Any:
-        """Run ``closure``, report the samples it processed and step as ``hivemind.Optimizer`` does."""
-        if batch_size is not None or self.batch_size_source is None or closure is None:
-            return super().step(closure=closure, batch_size=batch_size, grad_scaler=grad_scaler)
-        # hivemind applies finished background (DPU) updates before running the closure; keep that order
-        self.state_averager.step(apply_delayed_updates=True)
-        with torch.enable_grad():
-            loss = closure()
-        return_value = super().step(batch_size=self.batch_size_source(), grad_scaler=grad_scaler)
+        """Run ``closure``, report the samples it processed and step as ``hivemind.Optimizer`` does.
+
+        Without ``batch_size``, the count comes from :attr:`batch_size_source` *after* the closure ran. A call without
+        a closure (Lightning's AMP plugin runs the closure itself, then calls ``step()``) counts what it already ran.
+        """
+        loss = None
+        if batch_size is None and self.batch_size_source is not None:
+            if closure is not None:
+                # hivemind applies finished background (DPU) updates before running the closure; keep that order
+                self.state_averager.step(apply_delayed_updates=True)
+                with torch.enable_grad():
+                    loss = closure()
+                closure = None
+            batch_size = self.batch_size_source()
+        self.samples_reported += batch_size if batch_size is not None else (self.batch_size_per_step or 0)
+        return_value = super().step(closure=closure, batch_size=batch_size, grad_scaler=grad_scaler)
         return loss if return_value is None else return_value
 
     def __del__(self) -> None:

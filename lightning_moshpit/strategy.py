@@ -22,7 +22,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from lightning_moshpit import swarm
-from lightning_moshpit.averaging import check_group_size, make_compression
+from lightning_moshpit.averaging import averager_options, check_group_size, make_compression
 from lightning_moshpit.optimizer import AveragingRound, SwarmOptimizer
 
 log = logging.getLogger(__name__)
@@ -146,6 +146,8 @@ class MoshpitStrategy(SingleDeviceStrategy):
                 "`delay_parameter_updates=True` cannot be combined with `local_updates=True`: local updates already "
                 "step every batch and average parameters in the background"
             )
+        if local_updates and "grad_averager_factory" in optimizer_kwargs:
+            raise ValueError("`grad_averager_factory` has no effect with `local_updates=True`: no gradients are averaged")
         self.delay_parameter_updates = bool(delay_parameter_updates)
         self.local_updates = bool(local_updates)
         self.average_state_every = _positive_int(average_state_every, "average_state_every")
@@ -164,6 +166,9 @@ class MoshpitStrategy(SingleDeviceStrategy):
         self._swarm_optimizer: Optional[SwarmOptimizer] = None
         self._finished_rounds: list[AveragingRound] = []
         self._finished_global_step = 0
+        self._addresses: list[str] = []
+        self._left_swarm = False
+        self._finished_samples = 0
         self._samples_since_step = 0
         self._epoch_times: deque[tuple[float, int]] = deque(maxlen=32)
 
@@ -190,8 +195,10 @@ class MoshpitStrategy(SingleDeviceStrategy):
 
     @property
     def dht(self) -> hivemind.DHT:
-        """This peer's hivemind DHT, started on first use."""
+        """This peer's hivemind DHT, started on first use (before or during fit); fit's teardown stops it."""
         if self._dht is None:
+            if self._left_swarm:
+                raise RuntimeError("This peer has left the swarm (fit ended); create a new MoshpitStrategy to rejoin")
             swarm.check_platform()
             self._dht = swarm.start_dht(
                 initial_peers=self.initial_peers,
@@ -201,12 +208,20 @@ class MoshpitStrategy(SingleDeviceStrategy):
                 identity_path=self.identity_path,
                 startup_timeout=self.bootstrap_timeout,
             )
+            self._addresses = swarm.visible_addresses(self._dht)
         return self._dht
 
     @property
     def peer_addresses(self) -> list[str]:
-        """Multiaddrs other peers pass as ``initial_peers`` to join this swarm (starts the DHT if needed)."""
-        return swarm.visible_addresses(self.dht)
+        """Multiaddrs other peers pass as ``initial_peers`` to join this swarm.
+
+        Reading it before ``fit`` starts the DHT early, so a script can print or share the addresses first. After
+        ``fit`` it returns the addresses this peer had; they no longer answer.
+        """
+        if self._dht is None and self._left_swarm:
+            return list(self._addresses)
+        self.dht
+        return list(self._addresses)
 
     @property
     def swarm_optimizer(self) -> Optional[SwarmOptimizer]:
@@ -217,6 +232,11 @@ class MoshpitStrategy(SingleDeviceStrategy):
     def global_step(self) -> int:
         """The swarm's global optimizer step (hivemind epoch) this peer is at; after fit, where it ended."""
         return self._swarm_optimizer.local_epoch if self._swarm_optimizer is not None else self._finished_global_step
+
+    @property
+    def samples_contributed(self) -> int:
+        """Training samples this peer has reported to the swarm in the current (or last) fit."""
+        return self._swarm_optimizer.samples_reported if self._swarm_optimizer is not None else self._finished_samples
 
     @property
     def num_peers(self) -> int:
@@ -244,6 +264,12 @@ class MoshpitStrategy(SingleDeviceStrategy):
         self.optimizers = [self._swarm_optimizer]
         addresses = self.peer_addresses
         rank_zero_info(f"[moshpit] run_id={self.run_id}; {swarm.join_command_hint(addresses, self.run_id)}")
+
+    def on_train_start(self) -> None:
+        """The start barrier, after Lightning restored any checkpoint: wait for peers, then catch up with the swarm."""
+        super().on_train_start()
+        if self._swarm_optimizer is None:
+            return
         seen = self._swarm_optimizer.join_swarm(self.min_peers, self.min_peers_timeout)
         rank_zero_info(f"[moshpit] started with {seen} peer(s) visible, at global step {self.global_step}")
 
@@ -271,6 +297,7 @@ class MoshpitStrategy(SingleDeviceStrategy):
         if self._swarm_optimizer is not None:
             self._finished_rounds = list(self._swarm_optimizer.rounds)
             self._finished_global_step = self._swarm_optimizer.local_epoch
+            self._finished_samples = self._swarm_optimizer.samples_reported
             try:
                 self._swarm_optimizer.shutdown()
             finally:
@@ -278,6 +305,7 @@ class MoshpitStrategy(SingleDeviceStrategy):
         if self._dht is not None:
             self._dht.shutdown()
             self._dht = None
+            self._left_swarm = True
         super().teardown()
 
     # ------------------------------------------------------------------------------------------ helpers
@@ -321,7 +349,7 @@ class MoshpitStrategy(SingleDeviceStrategy):
         buffers = [buffer for buffer in module.buffers() if buffer.is_floating_point()]
         compression = make_compression(self.compression)
         kwargs = dict(self.optimizer_kwargs)
-        averager_opts = dict(request_timeout=0.4 * self.matchmaking_time, target_group_size=self.group_size)
+        averager_opts = averager_options(self.group_size, self.matchmaking_time)
         averager_opts.update(kwargs.pop("averager_opts", None) or {})
         # Refresh the swarm's progress often relative to matchmaking: a stale view makes a peer count only its own
         # samples toward target_batch_size and overshoot it.
@@ -441,6 +469,11 @@ _OWN_OPTIMIZER_KWARGS = {
 def _check_optimizer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Reject keyword arguments that neither MoshpitStrategy nor ``hivemind.Optimizer`` understands."""
     accepted = set(inspect.signature(hivemind.Optimizer.__init__).parameters) - {"self"} - _OWN_OPTIMIZER_KWARGS
+    if kwargs.get("reuse_grad_buffers"):
+        raise ValueError(
+            "`reuse_grad_buffers=True` is not supported: Lightning zeroes gradients between steps, which hivemind "
+            "forbids in that mode. Leave it False (gradients are accumulated in hivemind's own buffers)."
+        )
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
         owned = sorted(set(kwargs) & _OWN_OPTIMIZER_KWARGS)

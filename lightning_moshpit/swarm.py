@@ -68,7 +68,7 @@ def resolve_target_batch_size(value: Optional[int]) -> int:
     """The argument, else ``MOSHPIT_TARGET_BATCH_SIZE``, else the default; always a positive int."""
     source = "target_batch_size"
     if value is None:
-        raw = os.environ.get(ENV_TARGET_BATCH_SIZE)
+        raw = os.environ.get(ENV_TARGET_BATCH_SIZE) or None
         if raw is None:
             return DEFAULT_TARGET_BATCH_SIZE
         source = ENV_TARGET_BATCH_SIZE
@@ -85,7 +85,7 @@ def resolve_run_id(value: Optional[str]) -> str:
     """The argument, else ``MOSHPIT_RUN_ID``, else ``"moshpit"``; letters, digits, ``_`` and ``-`` only."""
     source = "run_id"
     if value is None:
-        value = os.environ.get(ENV_RUN_ID)
+        value = os.environ.get(ENV_RUN_ID) or None
         source = ENV_RUN_ID
         if value is None:
             return DEFAULT_RUN_ID

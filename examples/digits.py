@@ -1,11 +1,12 @@
 """Train a small MLP on scikit-learn's digits together with whoever joins the swarm.
 
-This is the smallest complete ``lightning_moshpit`` program. Run it once to start a swarm::
+This is the smallest complete ``lightning_moshpit`` program. Start a swarm that waits for a second peer::
 
-    python examples/digits.py
+    python examples/digits.py --min-peers 2
 
-It prints a command for other machines (or terminals) to join. Every peer runs the *same* script; only the
-environment tells a peer whether it starts a swarm or joins one:
+It prints the command that joins it from another machine or terminal (``MOSHPIT_RUN_ID=... MOSHPIT_INITIAL_PEERS=...
+python examples/digits.py ...``). Every peer runs the *same* script; only the environment tells a peer whether it
+starts a swarm or joins one:
 
 - ``MOSHPIT_INITIAL_PEERS``: multiaddrs of any running peer. Unset: start a new swarm.
 - ``MOSHPIT_RUN_ID``: the swarm's name. Peers only train together when it matches.
@@ -45,7 +46,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 import lightning_moshpit  # noqa: F401  (importing registers the "moshpit" strategy names)
 from lightning_moshpit import MoshpitStrategy
-from lightning_moshpit.swarm import ENV_HOST_MADDRS, ENV_INITIAL_PEERS, ENV_TARGET_BATCH_SIZE, join_command_hint
+from lightning_moshpit.swarm import ENV_HOST_MADDRS, ENV_TARGET_BATCH_SIZE, join_command_hint
 
 NUM_CLASSES = 10
 NUM_FEATURES = 64  # 8 x 8 grey-level images
@@ -111,10 +112,13 @@ class SwarmProgressPrinter(L.Callback):
     def __init__(self, every: int) -> None:
         self.every = every
         self.recent_losses: deque[float] = deque(maxlen=every)
-        self.started = time.monotonic()
+        self.started: Optional[float] = None
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.started = time.monotonic()  # after the start barrier: every peer is there
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.started is None:  # the first batch comes after the start barrier: the clock shows training time
+            self.started = time.monotonic()
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -130,8 +134,10 @@ class SwarmProgressPrinter(L.Callback):
         # Also logged as trainer.callback_metrics["moshpit/num_peers"] and ["moshpit/global_step"].
         peers = getattr(strategy, "num_peers", 1)
         global_step = getattr(strategy, "global_step", local_step)
-        elapsed = time.monotonic() - self.started
-        return f"step {local_step:4d} | loss {mean_loss:.3f} | peers {peers} | global step {global_step} | {elapsed:.0f} s"
+        elapsed = time.monotonic() - (self.started or time.monotonic())
+        return (
+            f"step {local_step:4d} | loss {mean_loss:.3f} | peers {peers} | global step {global_step} | {elapsed:.0f} s"
+        )
 
 
 class StopAtGlobalStep(L.Callback):
@@ -166,10 +172,25 @@ def announce_swarm(strategy: MoshpitStrategy, address_file: Optional[Path]) -> N
     addresses = strategy.peer_addresses
     if address_file is not None:
         write_atomically(address_file, ",".join(addresses))
-    if not strategy.initial_peers:
-        script = " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    if strategy.initial_peers:
+        print(f"Joined swarm run_id={strategy.run_id} through {len(strategy.initial_peers)} address(es)", flush=True)
+    else:
         print(f"Started a new swarm (run_id={strategy.run_id}).", flush=True)
-        print(join_command_hint(addresses, strategy.run_id).replace("<your script>", script), flush=True)
+        print(join_command_hint(addresses, strategy.run_id).replace("<your script>", this_command()), flush=True)
+
+
+def this_command() -> str:
+    """How this script was started, minus ``--address-file`` (only the first peer writes one), for the join hint."""
+    args, skip_next = [], False
+    for arg in sys.argv[1:]:
+        if skip_next or arg.startswith("--address-file="):
+            skip_next = False
+            continue
+        if arg == "--address-file":
+            skip_next = True
+            continue
+        args.append(arg)
+    return " ".join([os.path.relpath(sys.argv[0]), *args])
 
 
 def quiet_known_warnings() -> None:
@@ -180,8 +201,12 @@ def quiet_known_warnings() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- main
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keep the module docstring's layout and show every option's default."""
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--max-steps", type=int, default=300, help="at most this many local steps (batches)")
     parser.add_argument(
         "--max-global-steps", type=int, default=25,
@@ -199,7 +224,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--min-peers", type=int, default=1, help="wait until this many peers are visible, then start")
     parser.add_argument(
         "--host", default=os.environ.get(ENV_HOST_MADDRS, DEFAULT_HOST),
-        help=f"multiaddr(s) to listen on (default: ${ENV_HOST_MADDRS}, else {DEFAULT_HOST})",
+        help=f"multiaddr(s) to listen on; the default comes from ${ENV_HOST_MADDRS}, else {DEFAULT_HOST}",
     )  # fmt: skip
     parser.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate, for the global batch")
     parser.add_argument("--log-every", type=int, default=20, help="print a progress line every this many local steps")
@@ -231,8 +256,6 @@ def main(argv: Optional[list[str]] = None) -> float:
         min_peers=args.min_peers,
     )  # run_id and initial_peers come from MOSHPIT_RUN_ID and MOSHPIT_INITIAL_PEERS
     announce_swarm(strategy, args.address_file)
-    if os.environ.get(ENV_INITIAL_PEERS):
-        print(f"Joining swarm run_id={strategy.run_id} through {len(strategy.initial_peers)} address(es)", flush=True)
 
     trainer = L.Trainer(
         strategy=strategy,
@@ -248,7 +271,11 @@ def main(argv: Optional[list[str]] = None) -> float:
         + ([StopAtGlobalStep(args.max_global_steps)] if args.max_global_steps > 0 else []),
     )
     trainer.fit(model, train_loader)  # no validation during fit: peers keep pace with each other
-    print(f"finished: {trainer.global_step} local steps, swarm at global step {strategy.global_step}", flush=True)
+    samples = trainer.global_step * args.batch_size  # drop_last=True: every batch is full
+    print(
+        f"finished: {trainer.global_step} local steps ({samples} samples), swarm at global step {strategy.global_step}",
+        flush=True,
+    )
 
     results = trainer.validate(model, heldout_loader, verbose=False)
     accuracy = float(results[0]["val_acc"])

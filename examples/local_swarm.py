@@ -16,7 +16,8 @@ What it does, in the order a real deployment would:
 Each line a peer prints is shown prefixed with ``[peer i]``. The launcher stops every peer when one fails, on Ctrl-C
 or after ``--timeout`` seconds, and exits non-zero in each of those cases. Each peer runs in its own session (process
 group), so stopping its group also stops the libp2p daemon (p2pd) and averager processes that hivemind starts under
-it: nothing outlives the launcher.
+it. Only torch's shared-memory manager, which detaches into its own session, may outlive the launcher, and it exits
+by itself within seconds once its peer is gone.
 
 The peer script (default: ``examples/digits.py``) must take its swarm settings from the ``MOSHPIT_*`` environment
 variables and accept ``--min-peers`` and ``--address-file``.
@@ -41,6 +42,7 @@ DEFAULT_PEER_SCRIPT = Path(__file__).resolve().parent / "digits.py"
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 POLL_SECONDS = 0.1
 GRACE_SECONDS = 5.0  # after SIGTERM, how long a peer may take to leave the swarm before SIGKILL
+SUMMARY_PATTERN = "held-out accuracy"  # each peer's last line containing this is repeated at the end
 OUTPUT_DRAIN_SECONDS = 1.0  # after the kill, how long to wait for the peers' last output lines
 JOIN_WHEN_READY = "--join-when-ready"  # internal: marks a joining peer's process (see join_when_ready)
 
@@ -62,6 +64,7 @@ class Peer:
 
     def __init__(self, index: int, command: list[str], env: dict[str, str]) -> None:
         self.index = index
+        self.summary: Optional[str] = None  # the last line containing SUMMARY_PATTERN
         self.process = subprocess.Popen(
             command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: killpg reaches its p2pd and averagers too
@@ -72,7 +75,10 @@ class Peer:
     def _relay_output(self) -> None:
         assert self.process.stdout is not None
         for raw in self.process.stdout:  # ends when every process in the group has closed the pipe
-            say(f"[peer {self.index}] {raw.decode(errors='replace').rstrip()}")
+            line = f"[peer {self.index}] {raw.decode(errors='replace').rstrip()}"
+            if SUMMARY_PATTERN in line:
+                self.summary = line
+            say(line)
 
     @property
     def returncode(self) -> Optional[int]:
@@ -139,7 +145,9 @@ def watch(peers: list[Peer], deadline: float) -> None:
     """Return once every peer exited with code 0; raise ``PeerFailed`` or ``TimeoutError`` otherwise."""
     while True:
         codes = [peer.returncode for peer in peers]
-        failed = [f"peer {peer.index} exited with code {code}" for peer, code in zip(peers, codes) if code not in (None, 0)]
+        failed = [
+            f"peer {peer.index} exited with code {code}" for peer, code in zip(peers, codes) if code not in (None, 0)
+        ]
         if failed:
             raise PeerFailed(", ".join(failed))
         if all(code == 0 for code in codes):
@@ -179,18 +187,33 @@ def stop_all(peers: list[Peer], grace: float = GRACE_SECONDS) -> None:
         peer.reader.join(timeout=max(0.0, drained - time.monotonic()))
 
 
+def describe_exit(returncode: Optional[int]) -> str:
+    """``subprocess`` reports death by signal N as ``-N``; say so in words."""
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        return f"stopped by {signal.Signals(-returncode).name}"
+    return f"exit code {returncode}"
+
+
 def raise_keyboard_interrupt(signum: int, frame: object) -> None:
     """SIGTERM handler: treat ``kill <launcher>`` like Ctrl-C, so the ``finally`` block cleans up."""
     raise KeyboardInterrupt
 
 
 # ---------------------------------------------------------------------------------------------------- main
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keep the module docstring's layout and show every option's default."""
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--peers", type=int, default=3, help="how many peers to start (default 3)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--peers", type=int, default=3, help="how many peers to start")
     parser.add_argument("--timeout", type=float, default=240.0, help="stop everything after this many seconds")
-    parser.add_argument("--script", type=Path, default=DEFAULT_PEER_SCRIPT, help="peer program (default: digits.py)")
-    parser.add_argument("peer_args", nargs=argparse.REMAINDER, help="after '--': extra arguments for every peer")
+    parser.add_argument("--script", type=Path, default=DEFAULT_PEER_SCRIPT, help="peer program, run with this Python")
+    parser.add_argument(
+        "peer_args", nargs=argparse.REMAINDER, help="after '--': extra arguments for every peer (default: none)"
+    )
     args = parser.parse_args(argv)
     if args.peers < 1:
         parser.error(f"--peers must be at least 1, got {args.peers}")
@@ -228,6 +251,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             stop_all(peers)
     outcome = "all peers finished" if exit_code == 0 else f"exit code {exit_code}"
     say(f"Local swarm done in {time.monotonic() - started:.1f} s: {outcome}")
+    for peer in peers:
+        say(peer.summary or f"[peer {peer.index}] no result ({describe_exit(peer.returncode)})")
     return exit_code
 
 

@@ -63,34 +63,49 @@ class TinyClassifier(L.LightningModule):
 
 
 class SwarmRecorder(L.Callback):
-    """Records, per global step, this peer's flattened parameters and the loss, for the test to compare."""
+    """Records, per global step, this peer's flattened parameters and the loss, for the test to compare.
 
-    def __init__(self) -> None:
+    With ``progress_file``, the current global step is also written there whenever it changes, so a test can start
+    a late joiner once the swarm has made some progress.
+    """
+
+    def __init__(self, progress_file: Optional[Path] = None) -> None:
+        self.progress_file = progress_file
         self.snapshots: dict[int, list[float]] = {}
         self.losses: list[float] = []
         self.step_times: list[float] = []
         self.first_step_global: Optional[int] = None
         self.first_step_params: Optional[list[float]] = None
+        self.first_step_buffers: Optional[list[float]] = None
         self.lrs: dict[int, float] = {}
 
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if self.first_step_global is None:
             self.first_step_global = trainer.strategy.global_step
             self.first_step_params = _flat(module)
+            self.first_step_buffers = _flat_buffers(module)
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:  # fmt: skip
         self.step_times.append(time.time())
         self.losses.append(float(outputs["loss"]))
         epoch = trainer.strategy.global_step
+        if epoch not in self.snapshots and self.progress_file is not None:
+            tmp = self.progress_file.with_suffix(".tmp")
+            tmp.write_text(str(epoch))
+            tmp.rename(self.progress_file)
         self.snapshots.setdefault(epoch, _flat(module))
         self.lrs.setdefault(epoch, trainer.optimizers[0].param_groups[0]["lr"])
 
 
 def _flat(module: nn.Module) -> list[float]:
-    tensors = [p.detach().float().flatten() for p in module.parameters()]
-    tensors += [b.detach().float().flatten() for b in module.buffers() if b.is_floating_point()]
-    return torch.cat(tensors).cpu().tolist()
+    """Parameters only: BatchNorm running statistics move on every forward pass, so peers differ within a step."""
+    return torch.cat([p.detach().float().flatten() for p in module.parameters()]).cpu().tolist()
+
+
+def _flat_buffers(module: nn.Module) -> list[float]:
+    buffers = [b.detach().float().flatten() for b in module.buffers() if b.is_floating_point()]
+    return torch.cat(buffers).cpu().tolist() if buffers else []
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -113,6 +128,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--dpu", action="store_true", help="delayed parameter updates")
     parser.add_argument("--ckpt-dir", type=Path, default=None, help="save a checkpoint every global step here")
     parser.add_argument("--resume", type=Path, default=None, help="ckpt_path to resume from")
+    parser.add_argument("--progress-file", type=Path, default=None, help="keep the current global step here")
     parser.add_argument("--verbose", action="store_true", help="log hivemind's progress messages")
     parser.add_argument("--address-file", type=Path, default=None, help="write this peer's multiaddrs here")
     args = parser.parse_args(argv)
@@ -122,7 +138,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     model = TinyClassifier(batch_norm=args.batch_norm, compute_seconds=args.compute_seconds, scheduler=args.scheduler)
     data = DataLoader(make_task(args.samples), batch_size=args.batch_size, shuffle=True,
                       generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
-    recorder = SwarmRecorder()
+    recorder = SwarmRecorder(args.progress_file)
     callbacks: list[L.Callback] = [recorder]
     if args.ckpt_dir is not None:
         callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=args.ckpt_dir, save_last=True,
@@ -158,7 +174,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         "snapshots": recorder.snapshots,
         "first_step_global": recorder.first_step_global,
         "first_step_params": recorder.first_step_params,
+        "first_step_buffers": recorder.first_step_buffers,
         "final_params": _flat(model),
+        "samples": trainer.strategy.samples_contributed if not args.solo else None,
         "losses": recorder.losses,
         "lrs": recorder.lrs,
         "version": lightning_moshpit.__version__,

@@ -1,0 +1,130 @@
+"""Real swarms: 2 and 4 peer processes on 127.0.0.1 running Trainer.fit with strategy="moshpit".
+
+Each peer is ``python -m lightning_moshpit.testing.peer`` (see that module) and writes a JSON report with every
+averaging round it took part in, its parameters at each global step and the samples it contributed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from lightning_moshpit.testing.launch import LocalSwarm
+
+pytestmark = pytest.mark.slow
+
+# A global step must last well beyond the progress tracker's refresh lag, or peers overshoot target_batch_size while
+# they wait to see each other's samples; and matchmaking_time must exceed how far one peer can lag behind another on
+# a loaded 2-core machine (up to ~1.5 s with 4 peers), or the laggard misses the group and averages alone.
+PEER_ARGS = ["--batch-size", "16", "--compute-seconds", "0.05", "--matchmaking-time", "2.0",
+             "--averaging-timeout", "15"]  # fmt: skip
+
+
+def run_swarm(workdir: Path, run_id: str, num_peers: int, extra: list[str], timeout: float,
+              target_batch_size: int) -> list[dict]:  # fmt: skip
+    with LocalSwarm(workdir, run_id, env={"MOSHPIT_TARGET_BATCH_SIZE": str(target_batch_size)}) as swarm:
+        for index in range(num_peers):
+            swarm.start_peer([*PEER_ARGS, "--min-peers", str(num_peers), "--seed", str(index), *extra])
+        codes = swarm.wait(timeout)
+        assert codes == [0] * num_peers, [swarm.log(i)[-3000:] for i in range(num_peers)]
+    return [json.loads(swarm.report_path(i).read_text()) for i in range(num_peers)]
+
+
+def full_round_share(reports: list[dict], num_peers: int) -> tuple[int, int]:
+    """(rounds that included every peer, all rounds) over the global steps every peer was still training for.
+
+    The last global step is left out: a peer that finished its max_steps has left, so the others' final round
+    legitimately has fewer members.
+    """
+    last_common = min(report["global_step"] for report in reports)
+    rounds = [r for report in reports for r in report["rounds"] if r["epoch"] < last_common]
+    return sum(r["group_size"] == num_peers for r in rounds), len(rounds)
+
+
+def max_param_difference_at_last_common_step(reports: list[dict]) -> tuple[int, float]:
+    common = set.intersection(*(set(report["snapshots"]) for report in reports))
+    step = max(common, key=int)
+    vectors = [report["snapshots"][step] for report in reports]
+    return int(step), max(abs(a - b) for vector in vectors[1:] for a, b in zip(vectors[0], vector))
+
+
+def check_swarm_run(reports: list[dict], num_peers: int, target_batch_size: int) -> None:
+    full, total = full_round_share(reports, num_peers)
+    print(f"{num_peers} peers: {full}/{total} averaging rounds included every peer")
+    assert total >= 4 * num_peers
+    assert full / total >= 0.99, [r["rounds"] for r in reports]
+
+    step, difference = max_param_difference_at_last_common_step(reports)
+    print(f"{num_peers} peers: max |param difference| at global step {step}: {difference:.2e}")
+    assert step >= 5 and difference < 1e-4
+
+    samples = sum(report["samples"] for report in reports)
+    expected_steps = samples / target_batch_size
+    final_steps = [report["global_step"] for report in reports]
+    print(f"{num_peers} peers: {samples} samples -> {expected_steps:.1f} expected global steps, got {final_steps}")
+    assert max(final_steps) >= expected_steps - 1 and max(final_steps) <= expected_steps + 1
+    for report in reports:
+        assert report["losses"][-1] < report["losses"][0]
+
+
+@pytest.mark.timeout(300)
+def test_two_peers_average_every_round_and_reach_the_same_parameters(tmp_path, run_id) -> None:
+    reports = run_swarm(tmp_path, run_id, 2, ["--max-steps", "168"], timeout=240, target_batch_size=512)
+    check_swarm_run(reports, 2, 512)
+
+
+@pytest.mark.timeout(400)
+def test_four_peers_average_every_round_and_reach_the_same_parameters(tmp_path, run_id) -> None:
+    reports = run_swarm(tmp_path, run_id, 4, ["--max-steps", "200"], timeout=340, target_batch_size=1024)
+    check_swarm_run(reports, 4, 1024)
+
+
+@pytest.mark.timeout(300)
+def test_accumulate_grad_batches_counts_samples_across_the_swarm(tmp_path, run_id) -> None:
+    # each optimizer step reports 4 x 16 samples at once, so a global step overshoots the target by up to that much
+    # per peer: keep it small relative to the target batch. Counting only 16 per step would give ~1.6 global steps.
+    reports = run_swarm(tmp_path, run_id, 2, ["--max-steps", "100", "--accumulate", "4"], timeout=300,
+                        target_batch_size=2048)  # fmt: skip
+    for report in reports:
+        assert report["local_steps"] == 100
+        assert report["samples"] == 100 * 4 * 16
+    check_swarm_run(reports, 2, 2048)
+
+
+@pytest.mark.timeout(400)
+def test_late_joiner_takes_the_swarm_state_and_averages_within_two_steps(tmp_path, run_id) -> None:
+    progress = tmp_path / "progress"
+    env = {"MOSHPIT_TARGET_BATCH_SIZE": "256"}
+    with LocalSwarm(tmp_path, run_id, env=env) as swarm:
+        common = [*PEER_ARGS, "--batch-norm", "--max-steps", "260"]
+        swarm.start_peer([*common, "--min-peers", "2", "--seed", "0", "--progress-file", str(progress)])
+        swarm.start_peer([*common, "--min-peers", "2", "--seed", "1"])
+        deadline = time.monotonic() + 150
+        while not (progress.exists() and int(progress.read_text() or 0) >= 5):
+            assert time.monotonic() < deadline, swarm.log(0)[-3000:]
+            assert all(p.poll() is None for p in swarm.processes), swarm.log(0)[-3000:]
+            time.sleep(0.2)
+        swarm.start_peer([*PEER_ARGS, "--batch-norm", "--max-steps", "60", "--seed", "2"])
+        codes = swarm.wait(300)
+        assert codes == [0, 0, 0], [swarm.log(i)[-3000:] for i in range(3)]
+    first, second, joiner = (json.loads(swarm.report_path(i).read_text()) for i in range(3))
+
+    joined_at = joiner["first_step_global"]
+    assert joined_at >= 5, "the joiner must start from the swarm's global step, not from 0"
+    # parameters and BatchNorm buffers it started from are the swarm's at that step
+    reference = first["snapshots"].get(str(joined_at)) or second["snapshots"][str(joined_at)]
+    difference = max(abs(a - b) for a, b in zip(joiner["first_step_params"], reference))
+    print(f"joiner started at global step {joined_at}; max |difference| to the swarm's parameters: {difference:.2e}")
+    assert difference < 1e-4
+    # BatchNorm running statistics were shipped too: a fresh BatchNorm1d has running_mean 0 and running_var 1
+    hidden = len(joiner["first_step_buffers"]) // 2
+    running_mean, running_var = joiner["first_step_buffers"][:hidden], joiner["first_step_buffers"][hidden:]
+    assert any(abs(m) > 1e-3 for m in running_mean) and any(abs(v - 1) > 1e-3 for v in running_var)
+
+    full_rounds = [r["epoch"] for r in joiner["rounds"] if r["group_size"] == 3]
+    assert full_rounds, joiner["rounds"]
+    print(f"joiner's first 3-peer round at global step {full_rounds[0]} (joined at {joined_at})")
+    assert full_rounds[0] <= joined_at + 2

@@ -51,7 +51,12 @@ def make_compression(name: str) -> CompressionBase:
 
 def check_group_size(group_size: int) -> int:
     """Validate the Moshpit group side M: a power of two, at least 2 (hivemind draws log2(M) key bits per round)."""
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2 or group_size & (group_size - 1):
+    if (
+        isinstance(group_size, bool)
+        or not isinstance(group_size, int)
+        or group_size < 2
+        or group_size & (group_size - 1)
+    ):
         raise ValueError(f"`group_size` must be a power of two >= 2 (e.g. 2, 4, 8, 16), got {group_size!r}")
     return group_size
 

@@ -83,7 +83,9 @@ class SwarmProgressTracker(ProgressTracker):
             metadata = {subkey: ValueWithExpiration(p.dict(), float("inf")) for subkey, p in enumerate(others)}
             metadata["self"] = ValueWithExpiration(own.dict(), float("inf"))
         progress = super()._parse_swarm_progress_data(metadata)
-        self._others = [(p.samples_accumulated, p.time, p.samples_per_second) for p in others if p.epoch == progress.epoch]
+        self._others = [
+            (p.samples_accumulated, p.time, p.samples_per_second) for p in others if p.epoch == progress.epoch
+        ]
         return progress
 
     @property

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import time
 from collections import deque
@@ -22,6 +21,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from lightning_moshpit import swarm
+from lightning_moshpit.adapters import (
+    GlobalStepScheduler,
+    check_optimizer_kwargs,
+    optimizer_factory,
+    rebinding_scheduler_factory,
+)
 from lightning_moshpit.averaging import averager_options, check_group_size, make_compression
 from lightning_moshpit.optimizer import AveragingRound, SwarmOptimizer
 
@@ -137,8 +142,12 @@ class MoshpitStrategy(SingleDeviceStrategy):
                 f"`averaging_timeout` ({averaging_timeout}) must be greater than `matchmaking_time` "
                 f"({matchmaking_time}): a round first spends matchmaking_time gathering its group"
             )
-        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0):
-            raise ValueError(f"`batch_size` must be a positive integer or None (infer from batches), got {batch_size!r}")
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0
+        ):
+            raise ValueError(
+                f"`batch_size` must be a positive integer or None (infer from batches), got {batch_size!r}"
+            )
         self.batch_size = batch_size
         self.group_size = check_group_size(group_size)
         if delay_parameter_updates and local_updates:
@@ -147,7 +156,9 @@ class MoshpitStrategy(SingleDeviceStrategy):
                 "step every batch and average parameters in the background"
             )
         if local_updates and "grad_averager_factory" in optimizer_kwargs:
-            raise ValueError("`grad_averager_factory` has no effect with `local_updates=True`: no gradients are averaged")
+            raise ValueError(
+                "`grad_averager_factory` has no effect with `local_updates=True`: no gradients are averaged"
+            )
         self.delay_parameter_updates = bool(delay_parameter_updates)
         self.local_updates = bool(local_updates)
         self.average_state_every = _positive_int(average_state_every, "average_state_every")
@@ -159,7 +170,7 @@ class MoshpitStrategy(SingleDeviceStrategy):
         self.min_peers_timeout = _positive_float(min_peers_timeout, "min_peers_timeout")
         self.bootstrap_timeout = _positive_float(bootstrap_timeout, "bootstrap_timeout")
         self.verbose = bool(verbose)
-        self.optimizer_kwargs = _check_optimizer_kwargs(optimizer_kwargs)
+        self.optimizer_kwargs = check_optimizer_kwargs(optimizer_kwargs)
         self.parallel_devices: Optional[list[torch.device]] = None  # filled in by Lightning's accelerator connector
 
         self._dht: Optional[hivemind.DHT] = None
@@ -218,9 +229,8 @@ class MoshpitStrategy(SingleDeviceStrategy):
         Reading it before ``fit`` starts the DHT early, so a script can print or share the addresses first. After
         ``fit`` it returns the addresses this peer had; they no longer answer.
         """
-        if self._dht is None and self._left_swarm:
-            return list(self._addresses)
-        self.dht
+        if self._dht is None and not self._left_swarm:
+            _ = self.dht  # starts the DHT and records its addresses
         return list(self._addresses)
 
     @property
@@ -341,7 +351,7 @@ class MoshpitStrategy(SingleDeviceStrategy):
                 "peer, and a monitored metric differs between peers. Use a step-based scheduler instead."
             )
         scheduler = config.scheduler
-        config.scheduler = _GlobalStepScheduler(scheduler)
+        config.scheduler = GlobalStepScheduler(scheduler)
         return scheduler
 
     def _make_swarm_optimizer(self, optimizer: torch.optim.Optimizer, scheduler: Optional[Any]) -> SwarmOptimizer:
@@ -370,9 +380,9 @@ class MoshpitStrategy(SingleDeviceStrategy):
             dht=self.dht,
             run_id=self.run_id,
             target_batch_size=self.target_batch_size,
-            optimizer=_optimizer_factory(optimizer),
+            optimizer=optimizer_factory(optimizer),
             params=[dict(group) for group in optimizer.param_groups],
-            scheduler=_rebinding_scheduler_factory(scheduler) if scheduler is not None else None,
+            scheduler=rebinding_scheduler_factory(scheduler) if scheduler is not None else None,
             matchmaking_time=self.matchmaking_time,
             averaging_timeout=self.averaging_timeout,
             delay_optimizer_step=dpu,
@@ -414,75 +424,6 @@ class MoshpitStrategy(SingleDeviceStrategy):
             extra["moshpit/group_size"] = float(rounds[-1].group_size)
         if extra:
             module.log_dict(extra, on_step=True, on_epoch=False, batch_size=1)
-
-
-class _GlobalStepScheduler:
-    """What Lightning sees of a scheduler that hivemind steps once per global step: ``step()`` does nothing here.
-
-    Everything else (``get_last_lr``, ``state_dict`` for checkpoints, ...) is forwarded to the real scheduler.
-    """
-
-    def __init__(self, scheduler: Any) -> None:
-        self.__dict__["scheduler"] = scheduler
-
-    def step(self, *args: Any, **kwargs: Any) -> None:
-        """Ignored: hivemind steps the scheduler when the swarm completes a global step."""
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["scheduler"], name)
-
-
-def _optimizer_factory(optimizer: torch.optim.Optimizer) -> Callable[[Any], torch.optim.Optimizer]:
-    """A callable that rebuilds ``optimizer``'s class with its hyperparameters on new parameters.
-
-    hivemind needs a factory (not an instance) to offload the optimizer or run it in the background. Keys of
-    ``optimizer.defaults`` that the constructor does not accept (e.g. internal flags) are dropped.
-    """
-    cls = type(optimizer)
-    signature = inspect.signature(cls.__init__)
-    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
-    defaults = {k: v for k, v in optimizer.defaults.items() if accepts_any or k in signature.parameters}
-
-    def make(params: Any) -> torch.optim.Optimizer:
-        return cls(params, **defaults)
-
-    return make
-
-
-def _rebinding_scheduler_factory(scheduler: Any) -> Callable[[torch.optim.Optimizer], Any]:
-    """hivemind rebuilds the optimizer; point the user's scheduler at the rebuilt one instead of recreating it."""
-
-    def make(optimizer: torch.optim.Optimizer) -> Any:
-        scheduler.optimizer = optimizer
-        return scheduler
-
-    return make
-
-
-_OWN_OPTIMIZER_KWARGS = {
-    "dht", "run_id", "target_batch_size", "optimizer", "params", "scheduler", "matchmaking_time", "averaging_timeout",
-    "use_local_updates", "average_state_every", "client_mode", "grad_compression", "state_averaging_compression",
-    "extra_tensors", "verbose", "batch_size_per_step", "delay_optimizer_step", "delay_grad_averaging",
-}  # fmt: skip
-
-
-def _check_optimizer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Reject keyword arguments that neither MoshpitStrategy nor ``hivemind.Optimizer`` understands."""
-    accepted = set(inspect.signature(hivemind.Optimizer.__init__).parameters) - {"self"} - _OWN_OPTIMIZER_KWARGS
-    if kwargs.get("reuse_grad_buffers"):
-        raise ValueError(
-            "`reuse_grad_buffers=True` is not supported: Lightning zeroes gradients between steps, which hivemind "
-            "forbids in that mode. Leave it False (gradients are accumulated in hivemind's own buffers)."
-        )
-    unknown = sorted(set(kwargs) - accepted)
-    if unknown:
-        owned = sorted(set(kwargs) & _OWN_OPTIMIZER_KWARGS)
-        hint = f" ({owned} are set through MoshpitStrategy's own arguments)" if owned else ""
-        raise TypeError(
-            f"MoshpitStrategy got unexpected keyword argument(s) {unknown}{hint}. Extra keyword arguments go to "
-            f"hivemind.Optimizer, which accepts: {sorted(accepted)}"
-        )
-    return kwargs
 
 
 def _positive_float(value: Any, name: str) -> float:

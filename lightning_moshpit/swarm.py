@@ -51,7 +51,9 @@ def parse_maddrs(value: MaddrsArg, name: str) -> list[str]:
     elif isinstance(value, Sequence):
         items = [str(part).strip() for part in value]
     else:
-        raise TypeError(f"`{name}` must be a comma-separated string or a list of multiaddrs, got {type(value).__name__}")
+        raise TypeError(
+            f"`{name}` must be a comma-separated string or a list of multiaddrs, got {type(value).__name__}"
+        )
     items = [item for item in items if item]
     for item in items:
         try:
@@ -75,7 +77,9 @@ def resolve_target_batch_size(value: Optional[int]) -> int:
         try:
             value = int(raw)
         except ValueError:
-            raise ValueError(f"{ENV_TARGET_BATCH_SIZE}={raw!r} is not an integer; expected a positive integer") from None
+            raise ValueError(
+                f"{ENV_TARGET_BATCH_SIZE}={raw!r} is not an integer; expected a positive integer"
+            ) from None
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"`{source}` must be a positive integer (samples per global step), got {value!r}")
     return value

@@ -29,10 +29,26 @@ def test_eight_peers_with_group_size_two_reach_exact_mean_in_three_rounds(tmp_pa
     num_peers = 8
     processes = [
         subprocess.Popen(
-            [sys.executable, "-m", "lightning_moshpit.testing.grid_peer", "--rank", str(rank),
-             "--num-peers", str(num_peers), "--group-size", "2", "--rounds", "3", "--run-id", run_id,
-             "--workdir", str(tmp_path)],
-            stdout=open(tmp_path / f"grid{rank}.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "lightning_moshpit.testing.grid_peer",
+                "--rank",
+                str(rank),
+                "--num-peers",
+                str(num_peers),
+                "--group-size",
+                "2",
+                "--rounds",
+                "3",
+                "--run-id",
+                run_id,
+                "--workdir",
+                str(tmp_path),
+            ],
+            stdout=open(tmp_path / f"grid{rank}.log", "wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )  # fmt: skip
         for rank in range(num_peers)
     ]

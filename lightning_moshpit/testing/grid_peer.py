@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import hivemind
-from hivemind.utils import get_dht_time
 import torch
+from hivemind.utils import get_dht_time
 
 from lightning_moshpit.averaging import averager_options, grid_group_bits
 

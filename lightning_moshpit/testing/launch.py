@@ -78,7 +78,9 @@ class LocalSwarm:
             try:
                 codes.append(process.wait(timeout=max(0.1, deadline - time.monotonic())))
             except subprocess.TimeoutExpired:
-                raise TimeoutError(f"peer {index} still running after {timeout} s:\n{self.log(index)[-3000:]}") from None
+                raise TimeoutError(
+                    f"peer {index} still running after {timeout} s:\n{self.log(index)[-3000:]}"
+                ) from None
         return codes
 
     def signal_peer(self, index: int, signum: int) -> None:

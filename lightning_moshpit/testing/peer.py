@@ -81,7 +81,7 @@ class SwarmRecorder(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if self.first_step_global is None:
-            self.first_step_global = trainer.strategy.global_step
+            self.first_step_global = getattr(trainer.strategy, "global_step", trainer.global_step)
             self.first_step_params = _flat(module)
             self.first_step_buffers = _flat_buffers(module)
 
@@ -89,7 +89,7 @@ class SwarmRecorder(L.Callback):
                            batch_idx: int) -> None:  # fmt: skip
         self.step_times.append(time.time())
         self.losses.append(float(outputs["loss"]))
-        epoch = trainer.strategy.global_step
+        epoch = getattr(trainer.strategy, "global_step", trainer.global_step)
         if epoch not in self.snapshots and self.progress_file is not None:
             tmp = self.progress_file.with_suffix(".tmp")
             tmp.write_text(str(epoch))
@@ -179,6 +179,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         "samples": trainer.strategy.samples_contributed if not args.solo else None,
         "losses": recorder.losses,
         "lrs": recorder.lrs,
+        "step_times": recorder.step_times,
         "version": lightning_moshpit.__version__,
     }
     args.out.write_text(json.dumps(report))

@@ -91,8 +91,10 @@ class SwarmProgressTracker(ProgressTracker):
     @property
     def estimated_samples_accumulated(self) -> float:
         """This peer's exact count plus every other peer's last report extrapolated to now by its throughput."""
-        now, horizon = get_dht_time(), self.max_refresh_period
-        # extrapolate at most one refresh period: a peer silent for longer is stalled, averaging, or gone
+        now, horizon = get_dht_time(), self.min_refresh_period
+        # Extrapolate at most the shortest refresh period. A working peer reports after every local step, so an older
+        # record means it is blocked (optimizer step, averaging), stalled or gone; extrapolating further counted
+        # phantom samples and made 4 peers step about 10% early.
         others = sum(samples + min(horizon, max(0.0, now - when)) * speed for samples, when, speed in self._others)
         own = self.local_progress.samples_accumulated if self.local_progress.epoch == self.global_progress.epoch else 0
         return own + others

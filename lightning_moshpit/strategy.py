@@ -17,7 +17,7 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.data import extract_batch_size
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from lightning_moshpit import swarm
@@ -268,12 +268,21 @@ class MoshpitStrategy(SingleDeviceStrategy):
                 f"MoshpitStrategy supports exactly one optimizer, but configure_optimizers returned "
                 f"{len(self.optimizers)}. Combine parameter groups into one optimizer."
             )
+        if self.parallel_devices and len(self.parallel_devices) > 1:
+            rank_zero_warn(
+                f"MoshpitStrategy runs one peer per process on one device; using {self.root_device} and ignoring "
+                f"{len(self.parallel_devices) - 1} other device(s). Start one process per GPU to use them all."
+            )
         scheduler = self._take_scheduler()
+        self._left_swarm = False  # a new fit may join (or start) a swarm again
         self._swarm_optimizer = self._make_swarm_optimizer(self.optimizers[0], scheduler)
         self._swarm_optimizer.batch_size_source = self._take_sample_count
         self.optimizers = [self._swarm_optimizer]
-        addresses = self.peer_addresses
-        rank_zero_info(f"[moshpit] run_id={self.run_id}; {swarm.join_command_hint(addresses, self.run_id)}")
+        if self.initial_peers:
+            rank_zero_info(f"[moshpit] run_id={self.run_id}; joined the swarm through {self.initial_peers[0]}")
+        else:
+            hint = swarm.join_command_hint(self.peer_addresses, self.run_id)
+            rank_zero_info(f"[moshpit] run_id={self.run_id}; started a new swarm. {hint}")
 
     def on_train_start(self) -> None:
         """The start barrier, after Lightning restored any checkpoint: wait for peers, then catch up with the swarm."""

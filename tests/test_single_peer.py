@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 
 import lightning as L
@@ -43,6 +44,7 @@ def test_one_global_step_per_target_batch_of_samples(run_id) -> None:
     assert trainer.callback_metrics["moshpit/global_step"] >= 9
     assert trainer.callback_metrics["moshpit/num_peers"] == 1
     assert strategy.swarm_optimizer is None  # left the swarm after fit
+    assert not [child for child in multiprocessing.active_children() if child.is_alive()]  # no averager/DHT process
 
 
 @pytest.mark.timeout(120)

@@ -323,6 +323,7 @@ class MoshpitStrategy(SingleDeviceStrategy):
                 self._swarm_optimizer = None
         if self._dht is not None:
             self._dht.shutdown()
+            self._dht.join(timeout=10)  # shutdown() may return before the DHT process (and its p2pd) is gone
             self._dht = None
             self._left_swarm = True
         super().teardown()

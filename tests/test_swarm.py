@@ -52,6 +52,11 @@ def max_param_difference_at_last_common_step(reports: list[dict]) -> tuple[int, 
 
 
 def check_swarm_run(reports: list[dict], num_peers: int, target_batch_size: int) -> None:
+    """Rounds with every peer >= 99%, equal parameters, and global steps within 1 of samples / target_batch_size.
+
+    Runs are sized so samples / target_batch_size ends in about .9: a global step overshoots the target by a few
+    percent (peers see each other's counts with a refresh lag), and the printed ratio shows by how much.
+    """
     full, total = full_round_share(reports, num_peers)
     print(f"{num_peers} peers: {full}/{total} averaging rounds included every peer")
     assert total >= 4 * num_peers
@@ -64,7 +69,10 @@ def check_swarm_run(reports: list[dict], num_peers: int, target_batch_size: int)
     samples = sum(report["samples"] for report in reports)
     expected_steps = samples / target_batch_size
     final_steps = [report["global_step"] for report in reports]
-    print(f"{num_peers} peers: {samples} samples -> {expected_steps:.1f} expected global steps, got {final_steps}")
+    print(
+        f"{num_peers} peers: {samples} samples -> {expected_steps:.1f} expected global steps, got {final_steps} "
+        f"({samples / max(final_steps) / target_batch_size:.2f} x target_batch_size per global step, remainder included)"
+    )
     assert max(final_steps) >= expected_steps - 1 and max(final_steps) <= expected_steps + 1
     for report in reports:
         assert report["losses"][-1] < report["losses"][0]
@@ -73,7 +81,7 @@ def check_swarm_run(reports: list[dict], num_peers: int, target_batch_size: int)
 @pytest.mark.timeout(300)
 def test_two_peers_average_every_round_and_reach_the_same_parameters(tmp_path, run_id) -> None:
     # ~3 s of compute per global step: several times the tracker's refresh lag, so the sample count stays within 1
-    reports = run_swarm(tmp_path, run_id, 2, ["--max-steps", "336", "--compute-seconds", "0.1"], timeout=280,
+    reports = run_swarm(tmp_path, run_id, 2, ["--max-steps", "349", "--compute-seconds", "0.1"], timeout=280,
                         target_batch_size=1024)  # fmt: skip
     check_swarm_run(reports, 2, 1024)
 
@@ -83,7 +91,7 @@ def test_four_peers_average_every_round_and_reach_the_same_parameters(tmp_path, 
     # 4 peers are 16+ processes on a 2-core machine: give each global step ~3 s of compute so rounds are booked from
     # the swarm's shared ETA rather than from each peer's (jittery) previous transition
     slower = ["--compute-seconds", "0.1", "--matchmaking-time", "3.0"]
-    reports = run_swarm(tmp_path, run_id, 4, ["--max-steps", "200", *slower], timeout=340, target_batch_size=2048)
+    reports = run_swarm(tmp_path, run_id, 4, ["--max-steps", "220", *slower], timeout=340, target_batch_size=2048)
     check_swarm_run(reports, 4, 2048)
 
 
@@ -91,11 +99,11 @@ def test_four_peers_average_every_round_and_reach_the_same_parameters(tmp_path, 
 def test_accumulate_grad_batches_counts_samples_across_the_swarm(tmp_path, run_id) -> None:
     # each optimizer step reports 4 x 16 samples at once, so a global step overshoots the target by up to that much
     # per peer: keep it small relative to the target batch. Counting only 16 per step would give ~1.6 global steps.
-    reports = run_swarm(tmp_path, run_id, 2, ["--max-steps", "100", "--accumulate", "4"], timeout=300,
+    reports = run_swarm(tmp_path, run_id, 2, ["--max-steps", "110", "--accumulate", "4"], timeout=300,
                         target_batch_size=2048)  # fmt: skip
     for report in reports:
-        assert report["local_steps"] == 100
-        assert report["samples"] == 100 * 4 * 16
+        assert report["local_steps"] == 110
+        assert report["samples"] == 110 * 4 * 16
     check_swarm_run(reports, 2, 2048)
 
 

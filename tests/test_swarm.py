@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_moshpit.testing.launch import LocalSwarm
+from lightning_moshpit.testing.launch import PARTIAL_ALLREDUCE_WARNING, LocalSwarm
 
 pytestmark = pytest.mark.slow
 
@@ -21,9 +21,6 @@ pytestmark = pytest.mark.slow
 # a loaded 2-core machine (up to ~1.5 s with 4 peers), or the laggard misses the group and averages alone.
 PEER_ARGS = ["--batch-size", "16", "--compute-seconds", "0.05", "--matchmaking-time", "2.0",
              "--averaging-timeout", "15"]  # fmt: skip
-
-
-PARTIAL_ALLREDUCE = "Averaging: received"  # hivemind's warning when an all-reduce "succeeds" with parts missing
 
 
 def run_swarm(workdir: Path, run_id: str, num_peers: int, extra: list[str], timeout: float,
@@ -53,7 +50,7 @@ def run_and_check(workdir: Path, run_id: str, num_peers: int, extra: list[str], 
             check_swarm_run(reports, num_peers, target_batch_size)
             return reports
         except AssertionError:
-            if attempt == 1 or PARTIAL_ALLREDUCE not in logs:
+            if attempt == 1 or PARTIAL_ALLREDUCE_WARNING not in logs:
                 raise
             print(f"attempt {attempt}: hivemind reported a partial all-reduce; repeating the run")
     raise AssertionError("unreachable")

@@ -18,6 +18,10 @@ from typing import IO, Optional
 
 PEER_MODULE = "lightning_moshpit.testing.peer"
 
+#: hivemind 1.1.12 logs this when an all-reduce ends with parts missing yet reports success; tests that see it in a
+#: failed run repeat that run once (see docs/benchmarks.md, "Known limits").
+PARTIAL_ALLREDUCE_WARNING = "Averaging: received"
+
 
 class LocalSwarm:
     """Launches ``python -m lightning_moshpit.testing.peer`` processes that form one swarm on loopback.

@@ -37,11 +37,14 @@ from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTrack
 from hivemind.utils import ValueWithExpiration, get_dht_time
 
 from lightning_moshpit.averaging import grid_group_bits, key_length, random_group_bits
+from lightning_moshpit.guards import ModelSignature, nonfinite_gradients
 
 log = logging.getLogger(__name__)
 
 #: After this many failed rounds in a row while other peers are visible, the averager is moved to a new group key.
 WEDGED_AFTER_FAILURES = 3
+#: Failed state downloads in a row after which :meth:`SwarmOptimizer.load_state_from_peers` raises.
+LOAD_STATE_ATTEMPTS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,9 +73,11 @@ class SwarmProgressTracker(ProgressTracker):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._others: list[tuple[int, float, float]] = []  # (samples, report time, samples/s) of current-epoch peers
+        self.last_fetch_time = time.time()  #: wall-clock time of the last swarm-progress fetch (stale after a pause)
         super().__init__(*args, **kwargs)
 
     def _parse_swarm_progress_data(self, metadata: Any) -> Any:
+        self.last_fetch_time = time.time()
         own = self.local_progress
         others: list[LocalTrainingProgress] = []
         if isinstance(metadata, dict) and metadata:
@@ -119,8 +124,20 @@ class SwarmOptimizer(hivemind.Optimizer):
       the samples processed since the previous step (Lightning runs ``training_step`` *inside* the closure).
     """
 
-    def __init__(self, *, group_size: int, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        group_size: int,
+        param_names: Optional[list[str]] = None,
+        model_signature: Optional[ModelSignature] = None,
+        **kwargs: Any,
+    ) -> None:
         self.group_size = group_size
+        self.param_names = param_names
+        self.model_signature = model_signature
+        self.dropped_batches = 0  #: batches whose non-finite gradients were kept out of the swarm
+        self.resyncs = 0  #: times this peer found itself behind after a stale view (e.g. a pause) and reloaded state
+        self._signature_published_at = -float("inf")
         self.rounds: list[AveragingRound] = []
         self.batch_size_source: Optional[Callable[[], int]] = None
         self.samples_reported = 0  #: samples this peer has contributed through step() since it was created
@@ -183,14 +200,22 @@ class SwarmOptimizer(hivemind.Optimizer):
         Returns the number of peers seen. Waiting is bounded: after ``timeout`` the peer starts with whoever is there
         and logs a warning, because a decentralized swarm has no guaranteed size.
         """
+        self.check_model_signature()  # before announcing: a peer with the wrong model must not count as a member
         self.announce()
         deadline = time.monotonic() + timeout
         peers = self.visible_peer_ids()
+        announced = time.monotonic()
         while len(peers) < min_peers and time.monotonic() < deadline:
             time.sleep(0.2)
+            if time.monotonic() - announced > self.tracker.metadata_expiration / 3:
+                # hivemind re-publishes a record only once the peer has samples: keep ours alive while we wait
+                self.announce()
+                announced = time.monotonic()
             peers = self.visible_peer_ids()
         if len(peers) < min_peers:
             log.warning(f"Saw {len(peers)} of the {min_peers} peers asked for within {timeout:.0f} s; starting anyway")
+        self.check_model_signature()  # again: peers that started together publish while we wait
+        self.publish_model_signature()
         self.refresh_progress(timeout=max(1.0, self.matchmaking_time))
 
         if self.tracker.global_epoch > self.local_epoch:
@@ -203,6 +228,47 @@ class SwarmOptimizer(hivemind.Optimizer):
         self._key_length = len(bits)
         self.set_group_bits(bits)
         return len(peers)
+
+    @property
+    def _signature_key(self) -> str:
+        return f"{self.run_id}_model_signature"
+
+    def publish_model_signature(self) -> None:
+        """Store this peer's :class:`ModelSignature` in the DHT (refreshed every global step while it trains)."""
+        if self.model_signature is None:
+            return
+        expiration = max(60.0, self.tracker.metadata_expiration)
+        self.dht.store(
+            key=self._signature_key,
+            subkey=self.dht.peer_id.to_base58(),
+            value=self.model_signature.to_record(),
+            expiration_time=get_dht_time() + expiration,
+            return_future=True,  # fire and forget: the record only has to exist by the time someone joins
+        )
+        self._signature_published_at = time.monotonic()
+
+    def check_model_signature(self) -> None:
+        """Raise ``RuntimeError`` if a peer of this run published a model that differs from ours.
+
+        Without this check hivemind fails deep inside the state download with a shape error, and retries forever.
+        """
+        if self.model_signature is None:
+            return
+        found = self.dht.get(self._signature_key, latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return
+        my_id = self.dht.peer_id.to_base58()
+        for peer, record in found.value.items():
+            theirs = ModelSignature.from_record(getattr(record, "value", None))
+            if peer == my_id or theirs is None:
+                continue
+            difference = self.model_signature.mismatch(theirs)
+            if difference is not None:
+                raise RuntimeError(
+                    f"Cannot join swarm run_id={self.run_id!r}: the model does not match the one its peers train "
+                    f"(peer {peer}): {difference}. Every peer of a run must build the same architecture; "
+                    f"use another run_id to train a different model."
+                )
 
     def averagers(self) -> list[hivemind.DecentralizedAverager]:
         """The averagers this optimizer runs: state, and gradients unless in local-updates mode."""
@@ -266,23 +332,123 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     # -------------------------------------------------------------------------------------------------- stepping
     def step(self, closure: Any = None, batch_size: Optional[int] = None, grad_scaler: Any = None) -> Any:
-        """Run ``closure``, report the samples it processed and step as ``hivemind.Optimizer`` does.
+        """Run ``closure``, check what it produced, report the samples and step as ``hivemind.Optimizer`` does.
 
-        Without ``batch_size``, the count comes from :attr:`batch_size_source` *after* the closure ran. A call without
-        a closure (Lightning's AMP plugin runs the closure itself, then calls ``step()``) counts what it already ran.
+        Without ``batch_size``, the count comes from :attr:`batch_size_source` *after* the closure ran (Lightning runs
+        ``training_step`` inside the closure). A call without a closure (Lightning's AMP plugin runs the closure
+        itself, then calls ``step()``) counts what it already ran. Two checks run between the backward pass and the
+        moment the gradients join the swarm's accumulators:
+
+        - non-finite gradients: the batch is dropped with a warning, so one NaN never reaches the swarm's mean;
+        - a stale view of the swarm (the process was paused, or the DHT unreachable, for longer than
+          :attr:`stale_after` seconds): the peer refreshes it, and if the swarm moved on while it was away, it drops
+          its now-stale gradients and loads the swarm's state instead of averaging them into the current step.
         """
         loss = None
+        if closure is not None:
+            # hivemind applies finished background (DPU) updates before running the closure; keep that order
+            self.state_averager.step(apply_delayed_updates=True)
+            with torch.enable_grad():
+                loss = closure()
+            closure = None
         if batch_size is None and self.batch_size_source is not None:
-            if closure is not None:
-                # hivemind applies finished background (DPU) updates before running the closure; keep that order
-                self.state_averager.step(apply_delayed_updates=True)
-                with torch.enable_grad():
-                    loss = closure()
-                closure = None
             batch_size = self.batch_size_source()
+        if not self.auxiliary:
+            if grad_scaler is None and self._drop_nonfinite_gradients():
+                return loss
+            if self._resync_if_behind():
+                return loss
+        epoch_before = self.local_epoch
         self.samples_reported += batch_size if batch_size is not None else (self.batch_size_per_step or 0)
         return_value = super().step(closure=closure, batch_size=batch_size, grad_scaler=grad_scaler)
+        if self.local_epoch != epoch_before and time.monotonic() - self._signature_published_at > 30.0:
+            self.publish_model_signature()  # keep the record alive while this peer trains
         return loss if return_value is None else return_value
+
+    @property
+    def stale_after(self) -> float:
+        """Seconds without a swarm-progress fetch after which this peer double-checks its global step before sending."""
+        return max(2.0, self.matchmaking_time)
+
+    def _named_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        parameters = list(self.state_averager.main_parameters)
+        names = self.param_names if self.param_names and len(self.param_names) == len(parameters) else None
+        return [(names[i] if names else f"parameter {i}", p) for i, p in enumerate(parameters)]
+
+    def _drop_nonfinite_gradients(self) -> bool:
+        """If any gradient is NaN/inf, zero them all, warn, and return True: this batch is not sent to the swarm."""
+        problem = nonfinite_gradients(self._named_parameters())
+        if problem is None:
+            return False
+        self.dropped_batches += 1
+        for parameter in self.state_averager.main_parameters:
+            if parameter.grad is not None:
+                parameter.grad.zero_()
+        log.warning(
+            f"Dropped a batch at global step {self.local_epoch}: {problem}. Its gradients were not added to what this "
+            f"peer averages with the swarm ({self.dropped_batches} batch(es) dropped so far)"
+        )
+        return True
+
+    def _resync_if_behind(self) -> bool:
+        """After a stale view of the swarm, load its state if it moved past this peer's step; True if it did."""
+        tracker = self.tracker
+        if not isinstance(tracker, SwarmProgressTracker):
+            return False
+        stale_for = time.time() - tracker.last_fetch_time
+        if stale_for <= self.stale_after:
+            return False
+        self.refresh_progress(timeout=max(1.0, self.matchmaking_time))
+        if tracker.global_epoch <= self.local_epoch:
+            return False
+        log.warning(
+            f"This peer had not heard from the swarm for {stale_for:.1f} s (was the process paused?) and is at global "
+            f"step {self.local_epoch} while the swarm is at {tracker.global_epoch}: dropping its stale gradients and "
+            f"loading the swarm's state"
+        )
+        self.resyncs += 1
+        self.load_state_from_peers()
+        return True
+
+    def load_state_from_peers(self, **kwargs: Any) -> None:
+        """Download the newest parameters, optimizer state and global step from a peer of this run.
+
+        The same as ``hivemind.Optimizer.load_state_from_peers`` except that it gives up after
+        :data:`LOAD_STATE_ATTEMPTS` failed downloads with a ``RuntimeError`` instead of retrying forever (hivemind
+        1.1.12 loops on any exception, so a peer whose download always fails, e.g. on a shape mismatch, would hang).
+        """
+        if self.scheduled_grads is not None and not self.scheduled_grads.done():
+            # tag along in the round already booked so the others need not restart matchmaking (as hivemind does)
+            self._tag_along_with_zero_weight(self.scheduled_grads)
+            self.scheduled_grads = None
+        self.state_averager.step(wait_for_delayed_updates=True)
+
+        with self.tracker.pause_updates():
+            for attempt in range(1, LOAD_STATE_ATTEMPTS + 1):
+                try:
+                    self.state_averager.load_state_from_peers(timeout=self.load_state_timeout, **kwargs)
+                    if self.grad_averager is not None:
+                        self.grad_averager.load_state_from_peers(timeout=self.load_state_timeout, **kwargs)
+                    break
+                except KeyboardInterrupt:
+                    raise
+                except Exception as error:
+                    if attempt == LOAD_STATE_ATTEMPTS:
+                        raise RuntimeError(
+                            f"Could not load the swarm's state (run_id={self.run_id!r}) after {attempt} attempts: "
+                            f"{type(error).__name__}: {error}"
+                        ) from error
+                    log.warning(f"Loading the swarm's state failed ({type(error).__name__}: {error}); retrying")
+
+            if self.tracker.global_epoch - 1 <= self.local_epoch < self.tracker.global_epoch:
+                self.state_averager.local_epoch = self.tracker.global_epoch  # one step behind: catch up, as hivemind
+            self.tracker.report_local_progress(local_epoch=self.local_epoch, samples_accumulated=0)
+            if not self.client_mode:
+                self.state_averager.state_sharing_priority = self.local_epoch
+            if self.use_gradient_averaging:
+                self.grad_averager.reset_accumulated_grads_()
+                if not self.client_mode:
+                    self.grad_averager.state_sharing_priority = self.local_epoch
 
     def __del__(self) -> None:
         # hivemind's __del__ shuts the averagers down. Lightning wraps optimizers in a dynamic subclass that shares

@@ -28,6 +28,7 @@ from lightning_moshpit.adapters import (
     rebinding_scheduler_factory,
 )
 from lightning_moshpit.averaging import averager_options, check_group_size, make_compression
+from lightning_moshpit.guards import ModelSignature
 from lightning_moshpit.optimizer import AveragingRound, SwarmOptimizer
 
 log = logging.getLogger(__name__)
@@ -366,19 +367,29 @@ class MoshpitStrategy(SingleDeviceStrategy):
 
     def _make_swarm_optimizer(self, optimizer: torch.optim.Optimizer, scheduler: Optional[Any]) -> SwarmOptimizer:
         module = self.lightning_module
-        buffers = [buffer for buffer in module.buffers() if buffer.is_floating_point()]
+        named_buffers = [(name, buffer) for name, buffer in module.named_buffers() if buffer.is_floating_point()]
+        names_by_id = {id(parameter): name for name, parameter in module.named_parameters()}
+        parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+        param_names = [names_by_id.get(id(parameter), f"parameter {i}") for i, parameter in enumerate(parameters)]
+        signature = ModelSignature.of(list(zip(param_names, parameters)) + named_buffers)
         compression = make_compression(self.compression)
         kwargs = dict(self.optimizer_kwargs)
         averager_opts = averager_options(self.group_size, self.matchmaking_time)
         averager_opts.update(kwargs.pop("averager_opts", None) or {})
         # Refresh the swarm's progress often relative to matchmaking: a stale view makes a peer count only its own
-        # samples toward target_batch_size and overshoot it.
+        # samples toward target_batch_size and overshoot it. A peer that stops reporting (crashed, paused) drops out
+        # of the swarm's count after averaging_timeout instead of hivemind's fixed 60 s.
         tracker_opts = dict(
             default_refresh_period=min(0.5, self.matchmaking_time / 4),
             min_refresh_period=min(0.5, self.matchmaking_time / 20),
             max_refresh_period=max(0.25, self.matchmaking_time / 4),
+            metadata_expiration=self.averaging_timeout,
         )
         tracker_opts.update(kwargs.pop("tracker_opts", None) or {})
+        # hivemind bans a sender that is `next_chunk_timeout` late with its next chunk and finishes the all-reduce
+        # without its part; its default (matchmaking_time) excluded live peers on a busy CPU. A third of the
+        # averaging timeout still leaves a dead peer's round time to end within averaging_timeout.
+        kwargs.setdefault("next_chunk_timeout", max(self.matchmaking_time, self.averaging_timeout / 3))
         dpu = self.delay_parameter_updates
         if dpu:
             kwargs.setdefault("offload_optimizer", True)
@@ -387,6 +398,8 @@ class MoshpitStrategy(SingleDeviceStrategy):
             kwargs["grad_averager_factory"] = functools.partial(GradientAverager, **averager_opts)
         return SwarmOptimizer(
             group_size=self.group_size,
+            param_names=param_names,
+            model_signature=signature,
             dht=self.dht,
             run_id=self.run_id,
             target_batch_size=self.target_batch_size,
@@ -402,7 +415,7 @@ class MoshpitStrategy(SingleDeviceStrategy):
             client_mode=self.client_mode,
             grad_compression=compression,
             state_averaging_compression=compression,
-            extra_tensors=buffers,
+            extra_tensors=[buffer for _, buffer in named_buffers],
             averager_opts=averager_opts,
             tracker_opts=tracker_opts,
             verbose=self.verbose,

@@ -47,6 +47,7 @@ class LocalSwarm:
         env.pop("MOSHPIT_INITIAL_PEERS", None)
         command = [sys.executable, "-m", PEER_MODULE, "--out", str(self.report_path(index)), *args]
         if bootstrap:
+            self.address_file.unlink(missing_ok=True)  # a restarted bootstrap peer listens on a new address
             command += ["--address-file", str(self.address_file)]
         else:
             env["MOSHPIT_INITIAL_PEERS"] = self.wait_for_bootstrap()
@@ -86,6 +87,37 @@ class LocalSwarm:
                     f"peer {index} still running after {timeout} s:\n{self.log(index)[-3000:]}"
                 ) from None
         return codes
+
+    def wait_for_global_step(self, progress_file: Path, step: int, timeout: float) -> int:
+        """Block until a peer started with ``--progress-file progress_file`` reports global step >= ``step``."""
+        deadline = time.monotonic() + timeout
+        current = -1
+        while time.monotonic() < deadline:
+            try:
+                current = int(progress_file.read_text())
+            except (FileNotFoundError, ValueError):
+                pass
+            if current >= step:
+                return current
+            time.sleep(0.1)
+        raise TimeoutError(f"{progress_file} reached global step {current}, not {step}, within {timeout} s")
+
+    def exit_codes(self) -> list[Optional[int]]:
+        """Each peer's exit code so far (``None`` while it runs; negative: killed by that signal)."""
+        return [process.poll() for process in self.processes]
+
+    def leftover_processes(self) -> list[str]:
+        """Command lines of processes still alive in any peer's session (its averagers, DHT and p2pd included)."""
+        alive = []
+        for process in self.processes:
+            result = subprocess.run(
+                ["ps", "-o", "pid=,stat=,args=", "--sid", str(process.pid)], capture_output=True, text=True
+            )
+            for line in result.stdout.splitlines():
+                fields = line.split(None, 2)
+                if len(fields) == 3 and not fields[1].startswith("Z"):  # a zombie has exited; init reaps it
+                    alive.append(f"{fields[0]} {fields[2]}")
+        return alive
 
     def signal_peer(self, index: int, signum: int) -> None:
         """Send ``signum`` to a peer's whole process group (the peer, its averagers and its p2pd)."""

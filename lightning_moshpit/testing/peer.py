@@ -37,8 +37,9 @@ class TinyClassifier(L.LightningModule):
     """An MLP (optionally with BatchNorm) with an optional sleep per step that stands in for heavy compute."""
 
     def __init__(self, hidden: int = 32, batch_norm: bool = False, lr: float = 0.1, compute_seconds: float = 0.0,
-                 scheduler: bool = False) -> None:  # fmt: skip
+                 scheduler: bool = False, nan_batches: frozenset[int] = frozenset()) -> None:  # fmt: skip
         super().__init__()
+        self.nan_batches = nan_batches  # local batch indices whose loss (hence every gradient) is made NaN
         layers: list[nn.Module] = [nn.Linear(16, hidden)]
         if batch_norm:
             layers.append(nn.BatchNorm1d(hidden))
@@ -52,6 +53,8 @@ class TinyClassifier(L.LightningModule):
             time.sleep(self.compute_seconds)
         loss = nn.functional.cross_entropy(self.net(inputs), labels)
         self.log("train_loss", loss, prog_bar=True)
+        if self.trainer.global_step in self.nan_batches:
+            return loss * float("nan")  # a broken batch: every gradient becomes NaN
         return loss
 
     def configure_optimizers(self) -> Any:
@@ -78,12 +81,19 @@ class SwarmRecorder(L.Callback):
         self.first_step_params: Optional[list[float]] = None
         self.first_step_buffers: Optional[list[float]] = None
         self.lrs: dict[int, float] = {}
+        self.global_steps: list[int] = []  # the swarm's global step after each local step
+        self.num_peers: list[int] = []  # swarm size this peer saw after each local step
+        self.optimizer_snapshots: dict[int, list[float]] = {}  # optimizer state (e.g. momentum) per global step
+        self.first_step_optimizer_state: Optional[list[float]] = None
+        self.dropped_batches = 0
+        self.resyncs = 0
 
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if self.first_step_global is None:
             self.first_step_global = getattr(trainer.strategy, "global_step", trainer.global_step)
             self.first_step_params = _flat(module)
             self.first_step_buffers = _flat_buffers(module)
+            self.first_step_optimizer_state = _flat_optimizer_state(trainer)
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:  # fmt: skip
@@ -95,12 +105,33 @@ class SwarmRecorder(L.Callback):
             tmp.write_text(str(epoch))
             tmp.rename(self.progress_file)
         self.snapshots.setdefault(epoch, _flat(module))
+        if epoch not in self.optimizer_snapshots:
+            self.optimizer_snapshots[epoch] = _flat_optimizer_state(trainer)
         self.lrs.setdefault(epoch, trainer.optimizers[0].param_groups[0]["lr"])
+        self.global_steps.append(epoch)
+        self.num_peers.append(getattr(trainer.strategy, "num_peers", 1))
+        swarm_optimizer = getattr(trainer.strategy, "swarm_optimizer", None)
+        if swarm_optimizer is not None:
+            self.dropped_batches, self.resyncs = swarm_optimizer.dropped_batches, swarm_optimizer.resyncs
 
 
 def _flat(module: nn.Module) -> list[float]:
     """Parameters only: BatchNorm running statistics move on every forward pass, so peers differ within a step."""
     return torch.cat([p.detach().float().flatten() for p in module.parameters()]).cpu().tolist()
+
+
+def _flat_optimizer_state(trainer: L.Trainer) -> list[float]:
+    """Every tensor in the optimizer's per-parameter state (SGD's momentum buffers), flattened in parameter order."""
+    optimizer = trainer.optimizers[0]
+    optimizer = getattr(optimizer, "opt", optimizer)  # hivemind.Optimizer keeps the real one in .opt
+    tensors = [
+        value.detach().float().flatten()
+        for group in optimizer.param_groups
+        for parameter in group["params"]
+        for value in optimizer.state.get(parameter, {}).values()
+        if isinstance(value, torch.Tensor) and value.dim() > 0
+    ]
+    return torch.cat(tensors).cpu().tolist() if tensors else []
 
 
 def _flat_buffers(module: nn.Module) -> list[float]:
@@ -131,11 +162,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--progress-file", type=Path, default=None, help="keep the current global step here")
     parser.add_argument("--verbose", action="store_true", help="log hivemind's progress messages")
     parser.add_argument("--address-file", type=Path, default=None, help="write this peer's multiaddrs here")
+    parser.add_argument("--hidden", type=int, default=32, help="hidden width (another value: another architecture)")
+    parser.add_argument("--nan-batches", default="", help="comma-separated local steps whose gradients become NaN")
+    parser.add_argument("--metadata-expiration", type=float, default=None, help="override tracker_opts")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
     L.seed_everything(args.seed, verbose=False)
-    model = TinyClassifier(batch_norm=args.batch_norm, compute_seconds=args.compute_seconds, scheduler=args.scheduler)
+    nan_batches = frozenset(int(step) for step in args.nan_batches.split(",") if step)
+    model = TinyClassifier(hidden=args.hidden, batch_norm=args.batch_norm, compute_seconds=args.compute_seconds,
+                           scheduler=args.scheduler, nan_batches=nan_batches)  # fmt: skip
     data = DataLoader(make_task(args.samples), batch_size=args.batch_size, shuffle=True,
                       generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
     recorder = SwarmRecorder(args.progress_file)
@@ -145,6 +181,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                                                              every_n_train_steps=1, save_top_k=0))  # fmt: skip
     strategy: Any = "auto"
     if not args.solo:
+        extra: dict[str, Any] = {}
+        if args.metadata_expiration is not None:
+            extra["tracker_opts"] = {"metadata_expiration": args.metadata_expiration}
         strategy = MoshpitStrategy(
             min_peers=args.min_peers,
             matchmaking_time=args.matchmaking_time,
@@ -153,6 +192,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             delay_parameter_updates=args.dpu,
             verbose=args.verbose,
             host_maddrs=os.environ.get("MOSHPIT_HOST_MADDRS", "/ip4/127.0.0.1/tcp/0"),
+            **extra,
         )
         if args.address_file is not None:
             tmp = args.address_file.with_suffix(".tmp")
@@ -178,6 +218,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         "final_params": _flat(model),
         "samples": trainer.strategy.samples_contributed if not args.solo else None,
         "losses": recorder.losses,
+        "global_steps": recorder.global_steps,
+        "num_peers": recorder.num_peers,
+        "optimizer_snapshots": recorder.optimizer_snapshots,
+        "first_step_optimizer_state": recorder.first_step_optimizer_state,
+        "dropped_batches": recorder.dropped_batches,
+        "resyncs": recorder.resyncs,
         "lrs": recorder.lrs,
         "step_times": recorder.step_times,
         "version": lightning_moshpit.__version__,

@@ -136,8 +136,10 @@ class SwarmOptimizer(hivemind.Optimizer):
         self.param_names = param_names
         self.model_signature = model_signature
         self.dropped_batches = 0  #: batches whose non-finite gradients were kept out of the swarm
+        self.interrupted = False  #: set by the strategy's SIGINT handler; step() raises KeyboardInterrupt when it is
         self.resyncs = 0  #: times this peer found itself behind after a stale view (e.g. a pause) and reloaded state
         self._signature_published_at = -float("inf")
+        self._joined = False  # set once the start barrier is passed
         self.rounds: list[AveragingRound] = []
         self.batch_size_source: Optional[Callable[[], int]] = None
         self.samples_reported = 0  #: samples this peer has contributed through step() since it was created
@@ -227,6 +229,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         bits = grid_group_bits(index, max(len(peers), 1), self.group_size)
         self._key_length = len(bits)
         self.set_group_bits(bits)
+        self._joined = True
         return len(peers)
 
     @property
@@ -361,6 +364,9 @@ class SwarmOptimizer(hivemind.Optimizer):
         epoch_before = self.local_epoch
         self.samples_reported += batch_size if batch_size is not None else (self.batch_size_per_step or 0)
         return_value = super().step(closure=closure, batch_size=batch_size, grad_scaler=grad_scaler)
+        if self.interrupted:
+            # hivemind catches BaseException around averaging, so a Ctrl-C that lands there is swallowed; re-raise it
+            raise KeyboardInterrupt
         if self.local_epoch != epoch_before and time.monotonic() - self._signature_published_at > 30.0:
             self.publish_model_signature()  # keep the record alive while this peer trains
         return loss if return_value is None else return_value
@@ -401,12 +407,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         self.refresh_progress(timeout=max(1.0, self.matchmaking_time))
         if tracker.global_epoch <= self.local_epoch:
             return False
-        log.warning(
-            f"This peer had not heard from the swarm for {stale_for:.1f} s (was the process paused?) and is at global "
-            f"step {self.local_epoch} while the swarm is at {tracker.global_epoch}: dropping its stale gradients and "
-            f"loading the swarm's state"
-        )
-        self.resyncs += 1
+        log.warning(f"This peer had not heard from the swarm for {stale_for:.1f} s (was the process paused?)")
         self.load_state_from_peers()
         return True
 
@@ -417,6 +418,12 @@ class SwarmOptimizer(hivemind.Optimizer):
         :data:`LOAD_STATE_ATTEMPTS` failed downloads with a ``RuntimeError`` instead of retrying forever (hivemind
         1.1.12 loops on any exception, so a peer whose download always fails, e.g. on a shape mismatch, would hang).
         """
+        if self._joined:  # after the start barrier, a state download means this peer fell behind the swarm
+            self.resyncs += 1
+            log.warning(
+                f"This peer is at global step {self.local_epoch} while the swarm is at {self.tracker.global_epoch}: "
+                f"dropping its stale gradients and loading the swarm's state (resynchronisation #{self.resyncs})"
+            )
         if self.scheduled_grads is not None and not self.scheduled_grads.done():
             # tag along in the round already booked so the others need not restart matchmaking (as hivemind does)
             self._tag_along_with_zero_weight(self.scheduled_grads)
@@ -440,8 +447,15 @@ class SwarmOptimizer(hivemind.Optimizer):
                         ) from error
                     log.warning(f"Loading the swarm's state failed ({type(error).__name__}: {error}); retrying")
 
+            for _ in range(3):
+                if self.local_epoch != self.tracker.global_epoch - 1:
+                    break
+                # The peer that served us had not finished the step the swarm just took. hivemind would only bump the
+                # step counter here, leaving this peer one update behind; its newer state is usually a moment away.
+                time.sleep(0.5)
+                self.state_averager.load_state_from_peers(timeout=self.load_state_timeout, **kwargs)
             if self.tracker.global_epoch - 1 <= self.local_epoch < self.tracker.global_epoch:
-                self.state_averager.local_epoch = self.tracker.global_epoch  # one step behind: catch up, as hivemind
+                self.state_averager.local_epoch = self.tracker.global_epoch  # still one step behind: catch up as hivemind
             self.tracker.report_local_progress(local_epoch=self.local_epoch, samples_accumulated=0)
             if not self.client_mode:
                 self.state_averager.state_sharing_priority = self.local_epoch

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import signal
+import threading
 import time
 from collections import deque
 from typing import Any, Callable, Optional, Union
@@ -151,7 +154,7 @@ class MoshpitStrategy(SingleDeviceStrategy):
             )
         self.batch_size = batch_size
         self.group_size = check_group_size(group_size)
-        if delay_parameter_updates and local_updates:
+        if _flag(delay_parameter_updates, "delay_parameter_updates") and _flag(local_updates, "local_updates"):
             raise ValueError(
                 "`delay_parameter_updates=True` cannot be combined with `local_updates=True`: local updates already "
                 "step every batch and average parameters in the background"
@@ -160,17 +163,21 @@ class MoshpitStrategy(SingleDeviceStrategy):
             raise ValueError(
                 "`grad_averager_factory` has no effect with `local_updates=True`: no gradients are averaged"
             )
-        self.delay_parameter_updates = bool(delay_parameter_updates)
-        self.local_updates = bool(local_updates)
+        self.delay_parameter_updates = _flag(delay_parameter_updates, "delay_parameter_updates")
+        self.local_updates = _flag(local_updates, "local_updates")
         self.average_state_every = _positive_int(average_state_every, "average_state_every")
         make_compression(compression)  # validate the name now rather than at fit time
         self.compression = compression.lower()
-        self.client_mode = bool(client_mode)
-        self.identity_path = identity_path
+        self.client_mode = _flag(client_mode, "client_mode")
+        if identity_path is not None and not isinstance(identity_path, (str, os.PathLike)):
+            raise TypeError(
+                f"`identity_path` must be a file path (str or os.PathLike) or None, got {type(identity_path).__name__}"
+            )
+        self.identity_path = os.fspath(identity_path) if identity_path is not None else None
         self.min_peers = _positive_int(min_peers, "min_peers")
         self.min_peers_timeout = _positive_float(min_peers_timeout, "min_peers_timeout")
         self.bootstrap_timeout = _positive_float(bootstrap_timeout, "bootstrap_timeout")
-        self.verbose = bool(verbose)
+        self.verbose = _flag(verbose, "verbose")
         self.optimizer_kwargs = check_optimizer_kwargs(optimizer_kwargs)
         self.parallel_devices: Optional[list[torch.device]] = None  # filled in by Lightning's accelerator connector
 
@@ -183,6 +190,7 @@ class MoshpitStrategy(SingleDeviceStrategy):
         self._finished_samples = 0
         self._samples_since_step = 0
         self._epoch_times: deque[tuple[float, int]] = deque(maxlen=32)
+        self._previous_sigint: Optional[Callable[..., Any]] = None
 
     # ------------------------------------------------------------------------------------------ registration
     @classmethod
@@ -278,6 +286,7 @@ class MoshpitStrategy(SingleDeviceStrategy):
         self._left_swarm = False  # a new fit may join (or start) a swarm again
         self._swarm_optimizer = self._make_swarm_optimizer(self.optimizers[0], scheduler)
         self._swarm_optimizer.batch_size_source = self._take_sample_count
+        self._install_interrupt_handler()
         self.optimizers = [self._swarm_optimizer]
         if self.initial_peers:
             rank_zero_info(f"[moshpit] run_id={self.run_id}; joined the swarm through {self.initial_peers[0]}")
@@ -314,6 +323,7 @@ class MoshpitStrategy(SingleDeviceStrategy):
 
     def teardown(self) -> None:
         """Leave the swarm: say goodbye to peers, stop averagers, the DHT and its p2pd daemon."""
+        self._restore_interrupt_handler()
         if self._swarm_optimizer is not None:
             self._finished_rounds = list(self._swarm_optimizer.rounds)
             self._finished_global_step = self._swarm_optimizer.local_epoch
@@ -330,6 +340,33 @@ class MoshpitStrategy(SingleDeviceStrategy):
         super().teardown()
 
     # ------------------------------------------------------------------------------------------ helpers
+    def _install_interrupt_handler(self) -> None:
+        """Make Ctrl-C reliable during fit.
+
+        hivemind wraps averaging in ``except BaseException`` and logs a ``KeyboardInterrupt`` that lands there as a
+        failed round, so about half of all Ctrl-C presses were lost. The handler keeps the usual behaviour (it calls
+        the previous handler, which raises ``KeyboardInterrupt``) and also flags the optimizer, whose ``step`` raises
+        again once hivemind returns; Lightning then runs its normal interrupt path and ``teardown``.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return
+        previous = signal.getsignal(signal.SIGINT)
+        if not callable(previous):
+            return  # SIG_IGN / SIG_DFL: the process chose not to turn Ctrl-C into KeyboardInterrupt
+
+        def on_interrupt(signum: int, frame: Any) -> None:
+            if self._swarm_optimizer is not None:
+                self._swarm_optimizer.interrupted = True
+            previous(signum, frame)
+
+        self._previous_sigint = previous
+        signal.signal(signal.SIGINT, on_interrupt)
+
+    def _restore_interrupt_handler(self) -> None:
+        if self._previous_sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous_sigint)
+        self._previous_sigint = None
+
     def _take_sample_count(self) -> int:
         """Samples seen by ``training_step`` since the previous optimizer step (then reset to zero)."""
         count, self._samples_since_step = self._samples_since_step, 0
@@ -453,6 +490,13 @@ def _positive_float(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
         raise ValueError(f"`{name}` must be a positive, finite number of seconds, got {value!r}")
     return float(value)
+
+
+def _flag(value: Any, name: str) -> bool:
+    # bool("no") is True: a string or a number here is a configuration mistake, not a flag
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be True or False, got {value!r} ({type(value).__name__})")
+    return value
 
 
 def _positive_int(value: Any, name: str) -> int:

@@ -7,7 +7,6 @@ averaging round it took part in, its parameters at each global step and the samp
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -127,37 +126,4 @@ def test_accumulate_grad_batches_counts_samples_across_the_swarm(tmp_path, run_i
         assert report["samples"] == 110 * 4 * 16
 
 
-@pytest.mark.timeout(400)
-def test_late_joiner_takes_the_swarm_state_and_averages_within_two_steps(tmp_path, run_id) -> None:
-    progress = tmp_path / "progress"
-    env = {"MOSHPIT_TARGET_BATCH_SIZE": "256"}
-    with LocalSwarm(tmp_path, run_id, env=env) as swarm:
-        common = [*PEER_ARGS, "--batch-norm", "--max-steps", "260"]
-        swarm.start_peer([*common, "--min-peers", "2", "--seed", "0", "--progress-file", str(progress)])
-        swarm.start_peer([*common, "--min-peers", "2", "--seed", "1"])
-        deadline = time.monotonic() + 150
-        while not (progress.exists() and int(progress.read_text() or 0) >= 5):
-            assert time.monotonic() < deadline, swarm.log(0)[-3000:]
-            assert all(p.poll() is None for p in swarm.processes), swarm.log(0)[-3000:]
-            time.sleep(0.2)
-        swarm.start_peer([*PEER_ARGS, "--batch-norm", "--max-steps", "60", "--seed", "2"])
-        codes = swarm.wait(300)
-        assert codes == [0, 0, 0], [swarm.log(i)[-3000:] for i in range(3)]
-    first, second, joiner = (json.loads(swarm.report_path(i).read_text()) for i in range(3))
-
-    joined_at = joiner["first_step_global"]
-    assert joined_at >= 5, "the joiner must start from the swarm's global step, not from 0"
-    # parameters and BatchNorm buffers it started from are the swarm's at that step
-    reference = first["snapshots"].get(str(joined_at)) or second["snapshots"][str(joined_at)]
-    difference = max(abs(a - b) for a, b in zip(joiner["first_step_params"], reference))
-    print(f"joiner started at global step {joined_at}; max |difference| to the swarm's parameters: {difference:.2e}")
-    assert difference < 1e-4
-    # BatchNorm running statistics were shipped too: a fresh BatchNorm1d has running_mean 0 and running_var 1
-    hidden = len(joiner["first_step_buffers"]) // 2
-    running_mean, running_var = joiner["first_step_buffers"][:hidden], joiner["first_step_buffers"][hidden:]
-    assert any(abs(m) > 1e-3 for m in running_mean) and any(abs(v - 1) > 1e-3 for v in running_var)
-
-    full_rounds = [r["epoch"] for r in joiner["rounds"] if r["group_size"] == 3]
-    assert full_rounds, joiner["rounds"]
-    print(f"joiner's first 3-peer round at global step {full_rounds[0]} (joined at {joined_at})")
-    assert full_rounds[0] <= joined_at + 2
+# The late joiner is covered, with its optimizer state, by tests/scenarios/test_join.py.

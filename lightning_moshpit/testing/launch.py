@@ -37,6 +37,7 @@ class LocalSwarm:
         self.processes: list[subprocess.Popen] = []
         self._logs: list[IO[bytes]] = []
         self.address_file = self.workdir / "bootstrap.addr"
+        self.bootstrap_index = 0  # the peer whose address the others join through (the latest started bootstrap)
 
     def start_peer(self, args: Sequence[str] = (), bootstrap: Optional[bool] = None) -> int:
         """Start one peer; the first becomes the bootstrap peer unless ``bootstrap`` says otherwise. Returns its index."""
@@ -48,6 +49,7 @@ class LocalSwarm:
         command = [sys.executable, "-m", PEER_MODULE, "--out", str(self.report_path(index)), *args]
         if bootstrap:
             self.address_file.unlink(missing_ok=True)  # a restarted bootstrap peer listens on a new address
+            self.bootstrap_index = index
             command += ["--address-file", str(self.address_file)]
         else:
             env["MOSHPIT_INITIAL_PEERS"] = self.wait_for_bootstrap()
@@ -64,8 +66,9 @@ class LocalSwarm:
         while not self.address_file.exists():
             if time.monotonic() > deadline:
                 raise TimeoutError(f"bootstrap peer wrote no address within {timeout} s; see {self.workdir}/peer0.log")
-            if self.processes and self.processes[0].poll() is not None:
-                raise RuntimeError(f"bootstrap peer exited early: {self.log(0)[-3000:]}")
+            bootstrap = self.bootstrap_index
+            if bootstrap < len(self.processes) and self.processes[bootstrap].poll() is not None:
+                raise RuntimeError(f"bootstrap peer exited early: {self.log(bootstrap)[-3000:]}")
             time.sleep(0.1)
         return self.address_file.read_text()
 
@@ -106,10 +109,12 @@ class LocalSwarm:
         """Each peer's exit code so far (``None`` while it runs; negative: killed by that signal)."""
         return [process.poll() for process in self.processes]
 
-    def leftover_processes(self) -> list[str]:
-        """Command lines of processes still alive in any peer's session (its averagers, DHT and p2pd included)."""
+    def leftover_processes(self, indices: Optional[Sequence[int]] = None) -> list[str]:
+        """Command lines of processes still alive in the sessions of these peers (default: all of them), the peer's
+        averagers, DHT process and p2pd included."""
         alive = []
-        for process in self.processes:
+        chosen = range(len(self.processes)) if indices is None else indices
+        for process in (self.processes[i] for i in chosen):
             result = subprocess.run(
                 ["ps", "-o", "pid=,stat=,args=", "--sid", str(process.pid)], capture_output=True, text=True
             )

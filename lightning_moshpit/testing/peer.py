@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -162,15 +163,18 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--progress-file", type=Path, default=None, help="keep the current global step here")
     parser.add_argument("--verbose", action="store_true", help="log hivemind's progress messages")
     parser.add_argument("--address-file", type=Path, default=None, help="write this peer's multiaddrs here")
+    parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate")
     parser.add_argument("--hidden", type=int, default=32, help="hidden width (another value: another architecture)")
     parser.add_argument("--nan-batches", default="", help="comma-separated local steps whose gradients become NaN")
     parser.add_argument("--metadata-expiration", type=float, default=None, help="override tracker_opts")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
+    # a process started in the background inherits SIGINT ignored; a peer must react to Ctrl-C like one in a terminal
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     L.seed_everything(args.seed, verbose=False)
     nan_batches = frozenset(int(step) for step in args.nan_batches.split(",") if step)
-    model = TinyClassifier(hidden=args.hidden, batch_norm=args.batch_norm, compute_seconds=args.compute_seconds,
+    model = TinyClassifier(hidden=args.hidden, lr=args.lr, batch_norm=args.batch_norm, compute_seconds=args.compute_seconds,
                            scheduler=args.scheduler, nan_batches=nan_batches)  # fmt: skip
     data = DataLoader(make_task(args.samples), batch_size=args.batch_size, shuffle=True,
                       generator=torch.Generator().manual_seed(args.seed))  # fmt: skip

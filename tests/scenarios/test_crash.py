@@ -31,8 +31,9 @@ def test_survivors_finish_every_step_when_one_of_four_peers_is_killed(make_swarm
     assert result.longest_stall <= scenarios.AVERAGING_TIMEOUT + scenarios.MATCHMAKING_TIME
     for report in survivors:
         assert scenarios.final_loss(report) < scenarios.initial_loss(report)
-        assert 4 in report["num_peers"], "the swarm never had 4 peers"
-        assert report["num_peers"][-1] == 3, "the killed peer still counts as a swarm member at the end"
+        seen = report["num_peers"]
+        assert 4 in seen, "the swarm never had 4 peers"
+        assert 3 in seen[seen.index(4):], "the swarm size never dropped from 4 to 3 after the kill"
     step, difference = scenarios.max_param_difference(survivors)
     print(f"survivors' max |parameter difference| at global step {step}: {difference:.2e}")
     assert difference < 1e-4

@@ -284,7 +284,14 @@ class MoshpitStrategy(SingleDeviceStrategy):
             )
         scheduler = self._take_scheduler()
         self._left_swarm = False  # a new fit may join (or start) a swarm again
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        sigint_before = signal.getsignal(signal.SIGINT) if in_main_thread else None
         self._swarm_optimizer = self._make_swarm_optimizer(self.optimizers[0], scheduler)
+        if sigint_before is not None:
+            # hivemind's DecentralizedAverager.run_in_background sets SIGINT to SIG_IGN in *this* process so its
+            # child inherits it, and never restores it (hivemind/averaging/averager.py, line 334): without this,
+            # Ctrl-C does nothing for the rest of the run.
+            signal.signal(signal.SIGINT, sigint_before)
         self._swarm_optimizer.batch_size_source = self._take_sample_count
         self._install_interrupt_handler()
         self.optimizers = [self._swarm_optimizer]

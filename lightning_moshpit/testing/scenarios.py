@@ -76,9 +76,14 @@ class ScenarioFigures:
     steps_per_peer: list[int]
     final_loss: float
     fault_free_loss: Optional[float]
+    fault_free_steps: Optional[int] = None
 
     def __str__(self) -> str:
-        baseline = f" (fault-free run: {self.fault_free_loss:.3f})" if self.fault_free_loss is not None else ""
+        baseline = (
+            f" (fault-free 3-peer run of {self.fault_free_steps} local steps: {self.fault_free_loss:.3f})"
+            if self.fault_free_loss is not None
+            else ""
+        )
         return (
             f"[scenario {self.name}] rounds succeeded {self.rounds_succeeded}/{self.rounds_attempted}; longest stall "
             f"{self.longest_stall:.1f} s; local steps per peer {self.steps_per_peer}; final loss "
@@ -97,6 +102,7 @@ def figures(name: str, reports: Sequence[dict], fault_free: Optional[Sequence[di
         steps_per_peer=[report["local_steps"] for report in reports],
         final_loss=sum(final_loss(report) for report in reports) / len(reports),
         fault_free_loss=sum(final_loss(r) for r in fault_free) / len(fault_free) if fault_free else None,
+        fault_free_steps=fault_free[0]["local_steps"] if fault_free else None,
     )
     print(result)
     return result

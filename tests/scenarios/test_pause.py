@@ -18,7 +18,7 @@ def test_paused_peer_resynchronises_instead_of_sending_stale_gradients(make_swar
     for index in range(3):
         extra = ["--progress-file", str(progress)] if index == 0 else []
         swarm.start_peer([*scenarios.PEER_ARGS, "--min-peers", "3", "--seed", str(index),
-                          "--max-steps", str(scenarios.MAX_STEPS + 30), *extra])  # fmt: skip
+                          "--max-steps", str(scenarios.MAX_STEPS + 60), *extra])  # fmt: skip
     paused_at = swarm.wait_for_global_step(progress, 3, timeout=120)
     swarm.signal_peer(2, signal.SIGSTOP)  # the whole process group: a closed laptop lid stops p2pd as well
     pause = scenarios.AVERAGING_TIMEOUT + 10

@@ -196,18 +196,23 @@ class SwarmOptimizer(hivemind.Optimizer):
         tracker.global_state_updated.set()
         tracker.fetched_global_progress_this_epoch.wait(timeout)
 
-    def join_swarm(self, min_peers: int, timeout: float) -> int:
+    def join_swarm(self, min_peers: int, timeout: float, expect_others: bool = False) -> int:
         """The start barrier: announce, wait for ``min_peers`` (up to ``timeout`` s), catch up, take a grid position.
 
         Returns the number of peers seen. Waiting is bounded: after ``timeout`` the peer starts with whoever is there
-        and logs a warning, because a decentralized swarm has no guaranteed size.
+        and logs a warning, because a decentralized swarm has no guaranteed size. With ``expect_others`` (the peer
+        joined through ``initial_peers``) it also waits up to ``max(5, 2 * matchmaking_time)`` s to see at least one
+        other peer: right after bootstrapping, a DHT lookup can miss the records of a running swarm, and a joiner that
+        believed it was alone skipped loading the swarm's state.
         """
         self.check_model_signature()  # before announcing: a peer with the wrong model must not count as a member
         self.announce()
         deadline = time.monotonic() + timeout
         peers = self.visible_peer_ids()
         announced = time.monotonic()
-        while len(peers) < min_peers and time.monotonic() < deadline:
+        wanted = max(min_peers, 2 if expect_others else 1)
+        soft_deadline = min(deadline, time.monotonic() + max(5.0, 2 * self.matchmaking_time))
+        while len(peers) < wanted and time.monotonic() < (deadline if len(peers) < min_peers else soft_deadline):
             time.sleep(0.2)
             if time.monotonic() - announced > self.tracker.metadata_expiration / 3:
                 # hivemind re-publishes a record only once the peer has samples: keep ours alive while we wait

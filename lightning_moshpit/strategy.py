@@ -306,7 +306,9 @@ class MoshpitStrategy(SingleDeviceStrategy):
         super().on_train_start()
         if self._swarm_optimizer is None:
             return
-        seen = self._swarm_optimizer.join_swarm(self.min_peers, self.min_peers_timeout)
+        seen = self._swarm_optimizer.join_swarm(
+            self.min_peers, self.min_peers_timeout, expect_others=bool(self.initial_peers)
+        )
         rank_zero_info(f"[moshpit] started with {seen} peer(s) visible, at global step {self.global_step}")
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:

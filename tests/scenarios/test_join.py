@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 def test_joiner_takes_step_parameters_and_optimizer_state_before_its_first_local_step(make_swarm, tmp_path) -> None:
     swarm = make_swarm()
     progress = tmp_path / "progress"
-    common = [*scenarios.PEER_ARGS, "--batch-norm", "--max-steps", str(scenarios.MAX_STEPS + 40)]
+    common = [*scenarios.PEER_ARGS, "--batch-norm", "--max-steps", "300"]
     swarm.start_peer([*common, "--min-peers", "2", "--seed", "0", "--progress-file", str(progress)])
     swarm.start_peer([*common, "--min-peers", "2", "--seed", "1"])
     swarm.wait_for_global_step(progress, 5, timeout=150)

@@ -32,9 +32,15 @@ from lightning_moshpit.adapters import (
 )
 from lightning_moshpit.averaging import averager_options, check_group_size, make_compression
 from lightning_moshpit.guards import ModelSignature
+from lightning_moshpit.monitor import MetricsPublisher
 from lightning_moshpit.optimizer import AveragingRound, SwarmOptimizer
 
 log = logging.getLogger(__name__)
+
+#: Seconds between two metrics records a training peer stores in the DHT (see ``MoshpitStrategy._publish_metrics``).
+METRICS_PERIOD = 1.0
+#: ``average_state_every`` of an auxiliary peer: so large that it never joins a state-averaging round.
+AUXILIARY_STATE_AVERAGING_OFF = 2**31
 
 
 class MoshpitStrategy(SingleDeviceStrategy):
@@ -191,6 +197,9 @@ class MoshpitStrategy(SingleDeviceStrategy):
         self._samples_since_step = 0
         self._epoch_times: deque[tuple[float, int]] = deque(maxlen=32)
         self._previous_sigint: Optional[Callable[..., Any]] = None
+        self._metrics: Optional[MetricsPublisher] = None
+        self._metrics_published_at = -float("inf")
+        self._metrics_store: Any = None  # the future of the last metrics store
 
     # ------------------------------------------------------------------------------------------ registration
     @classmethod
@@ -293,6 +302,7 @@ class MoshpitStrategy(SingleDeviceStrategy):
             # Ctrl-C does nothing for the rest of the run.
             signal.signal(signal.SIGINT, sigint_before)
         self._swarm_optimizer.batch_size_source = self._take_sample_count
+        self._metrics = MetricsPublisher(self.dht, self.run_id, expiration=max(60.0, self.averaging_timeout))
         self._install_interrupt_handler()
         self.optimizers = [self._swarm_optimizer]
         if self.initial_peers:
@@ -328,11 +338,13 @@ class MoshpitStrategy(SingleDeviceStrategy):
             return super().optimizer_step(optimizer, closure, model, **kwargs)
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
         self._log_swarm_metrics()
+        self._publish_metrics(output)
         return output
 
     def teardown(self) -> None:
         """Leave the swarm: say goodbye to peers, stop averagers, the DHT and its p2pd daemon."""
         self._restore_interrupt_handler()
+        self._finish_metrics()
         if self._swarm_optimizer is not None:
             self._finished_rounds = list(self._swarm_optimizer.rounds)
             self._finished_global_step = self._swarm_optimizer.local_epoch
@@ -341,12 +353,16 @@ class MoshpitStrategy(SingleDeviceStrategy):
                 self._swarm_optimizer.shutdown()
             finally:
                 self._swarm_optimizer = None
+        self.teardown_dht()
+        super().teardown()
+
+    def teardown_dht(self) -> None:
+        """Stop this peer's DHT and its p2pd daemon (``teardown`` does it after fit; a Trainer-less peer calls it)."""
         if self._dht is not None:
             self._dht.shutdown()
             self._dht.join(timeout=10)  # shutdown() may return before the DHT process (and its p2pd) is gone
             self._dht = None
             self._left_swarm = True
-        super().teardown()
 
     # ------------------------------------------------------------------------------------------ helpers
     def _install_interrupt_handler(self) -> None:
@@ -412,7 +428,21 @@ class MoshpitStrategy(SingleDeviceStrategy):
         return scheduler
 
     def _make_swarm_optimizer(self, optimizer: torch.optim.Optimizer, scheduler: Optional[Any]) -> SwarmOptimizer:
-        module = self.lightning_module
+        return self.build_swarm_optimizer(self.lightning_module, optimizer, scheduler)
+
+    def build_swarm_optimizer(
+        self,
+        module: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Optional[Any] = None,
+        auxiliary: bool = False,
+    ) -> SwarmOptimizer:
+        """Wrap ``optimizer`` (built over ``module``'s parameters) in this strategy's :class:`SwarmOptimizer`.
+
+        ``fit`` calls it for you. It is public for processes that take part in the swarm without a Trainer: an
+        auxiliary peer (``auxiliary=True``, see :mod:`lightning_moshpit.auxiliary`) builds exactly the averagers a
+        training peer builds, so their tensor schemas match and hivemind lets it into the same groups.
+        """
         named_buffers = [(name, buffer) for name, buffer in module.named_buffers() if buffer.is_floating_point()]
         names_by_id = {id(parameter): name for name, parameter in module.named_parameters()}
         parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
@@ -457,7 +487,9 @@ class MoshpitStrategy(SingleDeviceStrategy):
             delay_optimizer_step=dpu,
             delay_grad_averaging=dpu,
             use_local_updates=self.local_updates,
-            average_state_every=self.average_state_every,
+            # An auxiliary peer lends its bandwidth to gradient rounds only: a state round blocks its loop for a whole
+            # matchmaking, so it missed every other gradient round (2 of 3 members in half the rounds, measured)
+            average_state_every=self.average_state_every if not auxiliary else AUXILIARY_STATE_AVERAGING_OFF,
             client_mode=self.client_mode,
             grad_compression=compression,
             state_averaging_compression=compression,
@@ -465,6 +497,7 @@ class MoshpitStrategy(SingleDeviceStrategy):
             averager_opts=averager_opts,
             tracker_opts=tracker_opts,
             verbose=self.verbose,
+            auxiliary=auxiliary,
             **kwargs,
         )
 
@@ -493,6 +526,35 @@ class MoshpitStrategy(SingleDeviceStrategy):
             extra["moshpit/group_size"] = float(rounds[-1].group_size)
         if extra:
             module.log_dict(extra, on_step=True, on_epoch=False, batch_size=1)
+
+
+    def _publish_metrics(self, loss: Any) -> None:
+        """Store this peer's loss, global step and role as a signed DHT record for ``lightning-moshpit status``.
+
+        hivemind's progress record already carries samples/s and the step; the loss (and the role) is what a monitor
+        cannot get otherwise. At most one store per :data:`METRICS_PERIOD` seconds, without waiting for the DHT.
+        """
+        now = time.monotonic()
+        if self._metrics is None or self._swarm_optimizer is None or now - self._metrics_published_at < METRICS_PERIOD:
+            return
+        self._metrics_published_at = now
+        value = float(loss.detach()) if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
+        self._metrics_store = self._metrics.publish(
+            step=self._swarm_optimizer.local_epoch,
+            loss=value,
+            target_batch_size=self.target_batch_size,
+            role="client" if self.client_mode else "trainer",
+        )
+
+    def _finish_metrics(self) -> None:
+        """Let the last metrics store finish before the DHT stops (it is informative: never fail over it)."""
+        store, self._metrics_store, self._metrics = self._metrics_store, None, None
+        self._metrics_published_at = -float("inf")
+        if store is not None:
+            try:
+                store.result(timeout=5.0)
+            except Exception as error:
+                log.debug(f"Last metrics record not stored: {error!r}")
 
 
 def _positive_float(value: Any, name: str) -> float:

@@ -1,0 +1,168 @@
+"""Running ``python -m lightning_moshpit ...`` in tests: a background process whose output lines can be awaited."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parents[1]
+#: The training peer program every swarm test runs (its own model and data; see lightning_moshpit.testing.peer).
+PEER = ["-m", "lightning_moshpit.testing.peer"]
+
+
+#: Session ids of the commands these helpers started (each runs in its own session, with its p2pd).
+STARTED_SESSIONS: set[int] = set()
+
+
+def own_p2pd_pids() -> set[int]:
+    """p2pd daemons started by this test process or by commands it launched, and no one else's.
+
+    The suite's shared ``no_leftover_p2pd`` fixture counts (and kills) every new p2pd on the machine, which also hits
+    peers that another test run starts at the same time; the CLI tests narrow it to their own sessions.
+    """
+    result = subprocess.run(["ps", "-eo", "pid=,ppid=,sid=,args="], capture_output=True, text=True)
+    parents, sessions, daemons = {}, {}, []
+    for line in result.stdout.splitlines():
+        fields = line.split(None, 3)
+        if len(fields) < 4:
+            continue
+        pid, ppid, sid = int(fields[0]), int(fields[1]), int(fields[2])
+        parents[pid], sessions[pid] = ppid, sid
+        if "hivemind_cli/p2pd" in fields[3]:
+            daemons.append(pid)
+    pids = set()
+    for pid in daemons:
+        if sessions[pid] in STARTED_SESSIONS:
+            pids.add(pid)
+            continue
+        ancestor = parents.get(pid)
+        while ancestor and ancestor != 1:  # a daemon of a DHT this test process started
+            if ancestor == os.getpid():
+                pids.add(pid)
+                break
+            ancestor = parents.get(ancestor)
+    return pids
+
+
+def check_no_leftover_p2pd() -> Iterator[None]:
+    """Fixture body: fail a test that leaves one of its own p2pd daemons running (after a grace period)."""
+    before = own_p2pd_pids()
+    yield
+    deadline = time.monotonic() + 15
+    leftover = own_p2pd_pids() - before
+    while leftover and time.monotonic() < deadline:
+        time.sleep(0.25)
+        leftover = own_p2pd_pids() - before
+    for pid in leftover:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not leftover, f"p2pd daemons left running after the test: {sorted(leftover)}"
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOSHPIT_")}
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def run_cli(args: Sequence[str], timeout: float, cwd: Optional[Path] = None, **env: str) -> subprocess.CompletedProcess:
+    """Run the command to the end (in its own session, killed with its group on timeout)."""
+    with CliProcess(args, cwd=cwd, **env) as process:
+        code = process.wait(timeout)
+        return subprocess.CompletedProcess(process.args, code, process.output(), "")
+
+
+class CliProcess:
+    """``python -m lightning_moshpit <args>`` in its own process group, with stdout+stderr collected line by line."""
+
+    def __init__(self, args: Sequence[str], cwd: Optional[Path] = None, **env: str) -> None:
+        self.args = [sys.executable, "-m", "lightning_moshpit", *args]
+        self.lines: list[str] = []
+        self._lock = threading.Lock()
+        self.process = subprocess.Popen(
+            self.args, cwd=cwd, env=cli_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        STARTED_SESSIONS.add(self.process.pid)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for raw in iter(self.process.stdout.readline, b""):
+            with self._lock:
+                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+
+    def output(self) -> str:
+        with self._lock:
+            return "\n".join(self.lines)
+
+    def wait_for_line(self, pattern: str, timeout: float) -> re.Match:
+        """The first output line matching ``pattern`` (a regex), waiting up to ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern)
+        while time.monotonic() < deadline:
+            with self._lock:
+                for line in self.lines:
+                    match = regex.search(line)
+                    if match:
+                        return match
+            if self.process.poll() is not None:
+                self._reader.join(2)
+                with self._lock:
+                    if not any(regex.search(line) for line in self.lines):
+                        raise AssertionError(f"exited ({self.process.returncode}) before printing {pattern!r}:\n"
+                                             f"{self.output()[-4000:]}")  # fmt: skip
+                continue
+            time.sleep(0.1)
+        raise TimeoutError(f"no line matching {pattern!r} within {timeout} s:\n{self.output()[-4000:]}")
+
+    def signal(self, signum: int) -> None:
+        """Signal the command itself (not its group): what a user's Ctrl-C or a service manager's stop does."""
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"still running after {timeout} s:\n{self.output()[-4000:]}") from None
+        self._reader.join(5)
+        return code
+
+    def leftover_processes(self) -> list[str]:
+        """Live processes left in the command's session (its DHT process, p2pd, peers)."""
+        result = subprocess.run(["ps", "-o", "pid=,stat=,args=", "--sid", str(self.process.pid)],
+                                capture_output=True, text=True)  # fmt: skip
+        alive = []
+        for line in result.stdout.splitlines():
+            fields = line.split(None, 2)
+            if len(fields) == 3 and not fields[1].startswith("Z"):
+                alive.append(f"{fields[0]} {fields[2]}")
+        return alive
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def __enter__(self) -> "CliProcess":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.kill()

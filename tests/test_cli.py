@@ -1,0 +1,208 @@
+"""The ``lightning-moshpit`` command: bootstrap, status, local launcher and the monitor's CSV log."""
+
+from __future__ import annotations
+
+import csv
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import hivemind
+import pytest
+import torch
+from cli_helpers import CliProcess, check_no_leftover_p2pd, run_cli
+from hivemind.optim.progress_tracker import LocalTrainingProgress
+from hivemind.utils import get_dht_time
+
+from lightning_moshpit import cli
+from lightning_moshpit.monitor import MetricsPublisher, add_monitor_validators, progress_key, read_swarm
+
+torch.set_num_threads(1)
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+ADDRESS_LINE = r"^MOSHPIT_INITIAL_PEERS=(\S+)$"
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_p2pd() -> Iterator[None]:
+    """Overrides the suite's check: count only this test's own p2pd daemons (other test runs may share the machine)."""
+    yield from check_no_leftover_p2pd()
+
+
+@pytest.fixture
+def bootstrap(run_id: str, tmp_path: Path) -> Iterator[CliProcess]:
+    """A running ``bootstrap`` peer on loopback (with ``--monitor`` writing under tmp_path)."""
+    with CliProcess(["bootstrap", "--host-maddrs", LOOPBACK, "--run-id", run_id, "--monitor", "--period", "0.5",
+                     "--log-dir", str(tmp_path / "logs")]) as process:  # fmt: skip
+        process.wait_for_line(r"serving;", timeout=60)
+        yield process
+        process.signal(signal.SIGTERM)
+        process.wait(30)
+
+
+class FakeTrainer:
+    """Publishes progress and metrics records the way a training peer does, without training (one DHT, cheap)."""
+
+    def __init__(self, initial_peers: list[str], run_id: str) -> None:
+        self.run_id = run_id
+        self.dht = hivemind.DHT(initial_peers=initial_peers, host_maddrs=[LOOPBACK], start=True, startup_timeout=30)
+        self.public_key = add_monitor_validators(self.dht, run_id).local_public_key
+        self.metrics = MetricsPublisher(self.dht, run_id)
+
+    def report(self, step: int, samples: int, loss: float) -> None:
+        progress = LocalTrainingProgress(peer_id=self.dht.peer_id.to_bytes(), epoch=step, samples_accumulated=samples,
+                                         samples_per_second=32.0, time=get_dht_time(), client_mode=False)  # fmt: skip
+        assert self.dht.store(progress_key(self.run_id), progress.dict(), get_dht_time() + 60, subkey=self.public_key)
+        self.metrics.publish(step=step, loss=loss, target_batch_size=128, wait=True)
+
+    def shutdown(self) -> None:
+        self.dht.shutdown()
+
+
+def _address(process: CliProcess) -> str:
+    return process.wait_for_line(ADDRESS_LINE, timeout=60).group(1)
+
+
+# ------------------------------------------------------------------------------------------------ pure functions
+def test_join_command_names_run_id_and_initial_peers() -> None:
+    line = cli.join_command(["/ip4/1.2.3.4/tcp/5/p2p/X", "/ip4/1.2.3.4/udp/5/p2p/X"], "my_run")
+    assert line == "MOSHPIT_RUN_ID=my_run MOSHPIT_INITIAL_PEERS=/ip4/1.2.3.4/tcp/5/p2p/X,/ip4/1.2.3.4/udp/5/p2p/X python train.py"
+
+
+def test_local_without_double_dash_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as error:
+        cli.main(["local", "2", "python", "train.py"])
+    assert error.value.code == 2
+    assert "needs `--` before the peer command" in capsys.readouterr().err
+
+
+def test_bad_run_id_is_rejected_with_the_value(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["status", "--run-id", "no spaces!", "--initial-peers", "/ip4/127.0.0.1/tcp/1"]) == 2
+    assert "'no spaces!'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------- bootstrap
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_bootstrap_prints_join_command_and_stops_cleanly_on_signal(run_id: str, signum: int) -> None:
+    with CliProcess(["bootstrap", "--host-maddrs", LOOPBACK, "--run-id", run_id]) as process:
+        address = _address(process)
+        join = process.wait_for_line(r"^To join: (.*)$", timeout=10).group(1)
+        assert address.startswith("/ip4/127.0.0.1/tcp/") and "/p2p/12D3KooW" in address
+        assert join == f"MOSHPIT_RUN_ID={run_id} MOSHPIT_INITIAL_PEERS={address} python train.py"
+        process.wait_for_line(r"serving;", timeout=30)
+        process.signal(signum)
+        assert process.wait(30) == 0
+        assert "shutting down" in process.output()
+        time.sleep(1.0)
+        assert process.leftover_processes() == []
+
+
+@pytest.mark.timeout(120)
+def test_identity_path_keeps_the_peer_id_across_restarts(run_id: str, tmp_path: Path) -> None:
+    identity = tmp_path / "bootstrap.key"
+    peer_ids = []
+    for _ in range(2):
+        with CliProcess(["bootstrap", "--host-maddrs", LOOPBACK, "--run-id", run_id,
+                         "--identity-path", str(identity)]) as process:  # fmt: skip
+            peer_ids.append(_address(process).rsplit("/p2p/", 1)[1])
+            process.wait_for_line(r"serving;", timeout=30)
+            process.signal(signal.SIGTERM)
+            assert process.wait(30) == 0
+    assert identity.exists()
+    assert peer_ids[0] == peer_ids[1]
+
+
+@pytest.mark.timeout(150)
+def test_bootstrap_monitor_writes_a_csv_row_per_global_step(bootstrap: CliProcess, run_id: str, tmp_path: Path) -> None:
+    trainer = FakeTrainer([_address(bootstrap)], run_id)
+    try:
+        for step in range(3):
+            for samples in (32, 64):
+                trainer.report(step, samples, loss=1.0 / (step + 1))
+                time.sleep(0.8)
+        metrics_csv = tmp_path / "logs" / run_id / "version_0" / "metrics.csv"
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            rows = list(csv.DictReader(metrics_csv.open())) if metrics_csv.exists() else []
+            if [int(row["step"]) for row in rows] == [0, 1, 2]:
+                break
+            time.sleep(0.5)
+        assert [int(row["step"]) for row in rows] == [0, 1, 2], rows
+        assert all(float(row["peers"]) == 1.0 and float(row["samples_per_second"]) == 32.0 for row in rows)
+        assert [round(float(row["loss"]), 3) for row in rows] == [1.0, 0.5, 0.333]
+    finally:
+        trainer.shutdown()
+
+
+# -------------------------------------------------------------------------------------------------------- status
+@pytest.mark.timeout(150)
+def test_status_prints_the_peers_a_running_swarm_reports(bootstrap: CliProcess, run_id: str) -> None:
+    address = _address(bootstrap)
+    trainer = FakeTrainer([address], run_id)
+    try:
+        trainer.report(step=4, samples=96, loss=0.25)
+        result = run_cli(["status", "--initial-peers", address, "--run-id", run_id, "--timeout", "20"], timeout=60)
+    finally:
+        trainer.shutdown()
+    assert result.returncode == 0, result.stdout
+    assert "peers=1" in result.stdout and "global_step=4" in result.stdout
+    assert "samples=96/128" in result.stdout and "eta_next_step=1.0 s" in result.stdout  # (128 - 96) / 32 samples/s
+    assert str(trainer.dht.peer_id) in result.stdout
+    assert "0.2500" in result.stdout
+
+
+@pytest.mark.timeout(60)
+def test_status_against_a_dead_address_fails_clearly_within_its_timeout() -> None:
+    dead = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWKnxaDUxMw7d4QcL2i13fysqMQPeMpVUwJ9XTeXY4WuBg"
+    started = time.monotonic()
+    result = run_cli(["status", "--initial-peers", dead, "--timeout", "5"], timeout=45)
+    elapsed = time.monotonic() - started
+    assert result.returncode != 0
+    assert f"error: no swarm answered at {dead} within 5 s" in result.stdout
+    assert elapsed < 5 + 15, f"took {elapsed:.1f} s (5 s timeout plus interpreter start-up)"
+
+
+# --------------------------------------------------------------------------------------------------------- local
+@pytest.mark.timeout(120)
+def test_local_stops_every_peer_when_one_fails(tmp_path: Path) -> None:
+    program = (
+        "import os, sys, time\n"
+        "index = int(os.environ['MOSHPIT_PEER_INDEX'])\n"
+        "print('joining', os.environ['MOSHPIT_INITIAL_PEERS'], os.environ['MOSHPIT_HOST_MADDRS'], flush=True)\n"
+        "if index == 1:\n    time.sleep(1.0); sys.exit(3)\n"
+        "open(f'started{index}', 'w').close(); time.sleep(120)\n"
+    )
+    started = time.monotonic()
+    result = run_cli(["local", "2", "--grace", "3", "--", sys.executable, "-c", program], timeout=90, cwd=tmp_path)
+    assert result.returncode == 3, result.stdout
+    assert time.monotonic() - started < 60
+    assert "[peer1] joining /ip4/127.0.0.1/tcp/" in result.stdout
+    assert "/ip4/127.0.0.1/tcp/0" in result.stdout
+    assert "[local] peer1 exited with code 3; stopping the other peers" in result.stdout
+    assert (tmp_path / "started0").exists()  # peer0 was running, and was stopped
+
+
+@pytest.mark.timeout(120)
+def test_local_stops_every_peer_on_ctrl_c(tmp_path: Path) -> None:
+    program = "import time; print('ready', flush=True); time.sleep(120)"
+    with CliProcess(["local", "2", "--grace", "3", "--", sys.executable, "-c", program], cwd=tmp_path) as process:
+        process.wait_for_line(r"^\[peer1\] ready$", timeout=60)
+        process.wait_for_line(r"^\[peer0\] ready$", timeout=10)
+        process.signal(signal.SIGINT)
+        assert process.wait(30) == 130
+        assert "[local] interrupted; stopping every peer" in process.output()
+        time.sleep(1.0)
+        assert process.leftover_processes() == []
+
+
+def test_read_swarm_of_an_empty_run_has_no_peers(run_id: str) -> None:
+    dht = hivemind.DHT(host_maddrs=[LOOPBACK], start=True, startup_timeout=30)
+    try:
+        add_monitor_validators(dht, run_id)
+        snapshot = read_swarm(dht, run_id, timeout=10)
+    finally:
+        dht.shutdown()
+    assert snapshot.peers == [] and snapshot.global_step == 0 and snapshot.eta_seconds is None
+    assert "(no training peer has reported progress yet)" in cli.format_status(snapshot)

@@ -113,6 +113,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     """Start a DHT peer, print how to join it, and serve until Ctrl-C / SIGTERM."""
     run_id = swarm.resolve_run_id(args.run_id)
     swarm.check_platform()
+    module = _checkpoint_module(args)
     with _stop_on_signals() as stop:  # from the start: a signal during start-up must still shut the DHT down
         dht = swarm.start_dht(
             initial_peers=swarm.parse_maddrs(args.initial_peers, "--initial-peers"),
@@ -131,8 +132,8 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
                 f"{swarm.ENV_INITIAL_PEERS}={','.join(addresses)}",
                 f"To join: {command}",
             )
-            if args.monitor or args.dashboard_port is not None:
-                monitor, server = _start_monitor(args, dht, run_id, command)
+            if args.monitor or args.dashboard_port is not None or module is not None:
+                monitor, server = _start_monitor(args, dht, run_id, command, module)
             _print("[moshpit] serving; Ctrl-C or SIGTERM stops this peer")
             stop.wait()
             _print("[moshpit] shutting down")
@@ -145,12 +146,37 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_monitor(args: argparse.Namespace, dht: hivemind.DHT, run_id: str, command: str) -> tuple[Any, Any]:
-    """The bootstrap peer's monitor (``--monitor``: a logger) and dashboard (``--dashboard-port``)."""
+def _checkpoint_module(args: argparse.Namespace) -> Optional[Any]:
+    """The model ``--checkpoint-every`` saves (built before any DHT starts, so a bad ``--model`` fails fast)."""
+    if args.checkpoint_every is None:
+        if args.model is not None:
+            raise ValueError("`--model` is used by `--checkpoint-every` only: pass both, or neither")
+        return None
+    if args.checkpoint_every < 1:
+        raise ValueError(f"`--checkpoint-every` must be a positive number of global steps, got {args.checkpoint_every}")
+    if args.model is None:
+        raise ValueError("`--checkpoint-every` needs `--model package.module:ClassOrFactory` (the peers' model)")
+    from lightning_moshpit.auxiliary import load_module
+
+    return load_module(args.model, args.model_args)
+
+
+def _start_monitor(
+    args: argparse.Namespace, dht: hivemind.DHT, run_id: str, command: str, module: Optional[Any] = None
+) -> tuple[Any, Any]:
+    """The bootstrap peer's monitor (``--monitor``: a logger), dashboard (``--dashboard-port``) and checkpoints."""
     from lightning_moshpit.monitor import LoggerListener, SwarmMonitor
 
     monitor = SwarmMonitor(dht, run_id, period=args.period, target_batch_size=args.target_batch_size)
     server = None
+    if module is not None:
+        from lightning_moshpit.checkpointing import SwarmCheckpointer
+
+        directory = Path(args.checkpoint_dir) / run_id
+        checkpointer = SwarmCheckpointer(dht, run_id, module, directory, every=args.checkpoint_every)
+        monitor.listeners.append(checkpointer)
+        monitor.on_stop.append(checkpointer.shutdown)
+        _print(f"[moshpit] checkpoints: every {args.checkpoint_every} global steps to {directory}")
     if args.monitor:
         logger = _make_logger(args.logger, Path(args.log_dir), run_id)
         monitor.listeners.append(LoggerListener(logger))
@@ -345,6 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--target-batch-size", type=int, default=None,
                        help="global batch for the ETA (default: what peers publish)")  # fmt: skip
 
+    def add_model_options(p: argparse.ArgumentParser, required: bool) -> None:
+        p.add_argument("--model", required=required,
+                       help="the peers' LightningModule as 'package.module:ClassOrFactory' (same parameters and optimizer)")  # fmt: skip
+        p.add_argument("--model-args", default=None, help='JSON keyword arguments for --model, e.g. \'{"hidden": 32}\'')
+
     boot = sub.add_parser("bootstrap", help="a long-lived DHT peer newcomers join through (trains nothing)")
     add_run_id(boot)
     boot.add_argument("--host-maddrs", default="/ip4/0.0.0.0/tcp/0",
@@ -358,6 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--logger", choices=("csv", "tensorboard"), default="csv")
     boot.add_argument("--log-dir", default="moshpit_logs", help="where the monitor's logger writes")
     boot.add_argument("--dashboard-port", type=int, default=None, help="also serve the dashboard on 127.0.0.1:PORT")
+    boot.add_argument("--checkpoint-every", type=int, default=None,
+                      help="save the swarm's state every N global steps (needs --model)")  # fmt: skip
+    boot.add_argument("--checkpoint-dir", default="moshpit_checkpoints",
+                      help="where checkpoints go (a <run_id> folder is made inside)")  # fmt: skip
+    add_model_options(boot, required=False)
     add_monitor_options(boot)
     boot.set_defaults(func=cmd_bootstrap)
 
@@ -370,9 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     aux = sub.add_parser("aux", help="an auxiliary peer: averages with the swarm, computes no gradients")
     add_run_id(aux)
-    aux.add_argument("--model", required=True,
-                     help="the peers' LightningModule as 'package.module:ClassOrFactory' (same parameters and optimizer)")  # fmt: skip
-    aux.add_argument("--model-args", default=None, help='JSON keyword arguments for --model, e.g. \'{"hidden": 32}\'')
+    add_model_options(aux, required=True)
     aux.add_argument("--initial-peers", default=None, help=f"any peer's multiaddrs (default: ${swarm.ENV_INITIAL_PEERS})")
     aux.add_argument("--target-batch-size", type=int, default=None,
                      help=f"the swarm's target batch size (default: ${swarm.ENV_TARGET_BATCH_SIZE})")  # fmt: skip

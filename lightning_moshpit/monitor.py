@@ -300,6 +300,8 @@ class SwarmMonitor:
         self.target_batch_size, self.max_history = target_batch_size, max_history
         self.history: list[SwarmSnapshot] = []
         self.listeners: list[Listener] = []
+        #: called once by :meth:`stop` after the polling thread ended (e.g. a checkpointer's shutdown)
+        self.on_stop: list[Callable[[], None]] = []
         self.errors = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -332,6 +334,8 @@ class SwarmMonitor:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        while self.on_stop:
+            self.on_stop.pop()()
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -82,6 +82,23 @@ def test_bad_run_id_is_rejected_with_the_value(capsys: pytest.CaptureFixture[str
     assert "'no spaces!'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--checkpoint-every", "5"], "`--checkpoint-every` needs `--model"),
+        (["--checkpoint-every", "0", "--model", "x:y"], "`--checkpoint-every` must be a positive number"),
+        (["--model", "lightning_moshpit.testing.peer:TinyClassifier"], "`--model` is used by `--checkpoint-every` only"),
+        (["--checkpoint-every", "5", "--model", "no_colon"], "`--model` must look like 'package.module:ClassOrFactory'"),
+    ],
+    ids=["every-without-model", "every-zero", "model-without-every", "bad-model"],
+)
+def test_bootstrap_checkpoint_options_are_checked_before_anything_starts(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["bootstrap", "--host-maddrs", LOOPBACK, *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------------------- bootstrap
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])

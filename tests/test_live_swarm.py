@@ -1,5 +1,6 @@
-"""The whole command on one live swarm: ``bootstrap --monitor --dashboard-port``, an ``aux`` peer, ``local 2`` training
-peers, ``status`` while they train, the dashboard in headless Chromium, and a clean stop of everything.
+"""The whole command on one live swarm: ``bootstrap --monitor --dashboard-port --checkpoint-every``, an ``aux`` peer,
+``local 2`` training peers, ``status`` while they train, the dashboard in headless Chromium, a clean stop of
+everything, and a new peer resumed from the monitor's last checkpoint once every trainer has left.
 
 One swarm serves every check because starting peers is most of the cost on a 2-core machine (the suite has a time
 budget). Each check names what it tests in its assertion message.
@@ -15,6 +16,7 @@ import csv
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 import urllib.request
@@ -32,6 +34,8 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 SCREENSHOT = REPO / "docs" / "figures" / "dashboard.png"
 LOCAL_STEPS = 60
 SETTINGS = ["--matchmaking-time", "1.0", "--averaging-timeout", "10"]
+MODEL = "lightning_moshpit.testing.peer:TinyClassifier"
+CHECKPOINT_EVERY = 5
 
 
 @pytest.fixture(autouse=True)
@@ -107,18 +111,57 @@ def _assert_nothing_left(process: CliProcess, name: str) -> None:
     assert process.leftover_processes() == [], f"{name} left processes behind: {process.leftover_processes()}"
 
 
+def _check_checkpoints(tmp_path: Path, run_id: str, reports: list[dict]) -> None:
+    """Each monitor checkpoint holds the trainers' parameters at its global step, and a peer resumes from the last."""
+    import torch
+
+    directory = tmp_path / "ckpt" / run_id
+    files = sorted(directory.glob("step_*.ckpt"))
+    steps = [int(path.stem.split("_")[1]) for path in files]
+    print(f"[live swarm] monitor checkpoints at global steps {steps}")
+    final_step = min(report["global_step"] for report in reports)
+    assert steps and all(step % CHECKPOINT_EVERY == 0 for step in steps), f"checkpoints: {steps}"
+    assert steps[-1] >= final_step - 2 * CHECKPOINT_EVERY, f"checkpoints stopped early: {steps}, swarm at {final_step}"
+    for path, step in zip(files, steps):
+        checkpoint = torch.load(path, weights_only=False)
+        assert checkpoint["moshpit_global_step"] == step
+        params = torch.cat([value.flatten() for value in checkpoint["state_dict"].values()])
+        trained = [report["snapshots"][str(step)] for report in reports if str(step) in report["snapshots"]]
+        assert trained, f"no trainer recorded global step {step}"
+        gap = max((torch.tensor(snapshot) - params).abs().max().item() for snapshot in trained)
+        assert gap < 1e-5, f"checkpoint of step {step} differs from the trainers' parameters by {gap}"
+    # Every trainer has left: a new peer picks the run up from the last checkpoint, at its global step and parameters.
+    last = torch.load(directory / "last.ckpt", weights_only=False)
+    env = {**os.environ, "MOSHPIT_RUN_ID": f"{run_id}_resumed", "MOSHPIT_TARGET_BATCH_SIZE": "64",
+           "MOSHPIT_HOST_MADDRS": "/ip4/127.0.0.1/tcp/0"}  # fmt: skip
+    out = tmp_path / "resumed.json"
+    command = [sys.executable, *PEER, "--out", str(out), "--max-steps", "8", "--batch-size", "16",
+               "--resume", str(directory / "last.ckpt"), *SETTINGS]  # fmt: skip
+    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = json.loads(out.read_text())
+    start = str(last["moshpit_global_step"])
+    assert min(resumed["snapshots"], key=int) == start, f"resumed at {sorted(resumed['snapshots'], key=int)}"
+    params = torch.cat([value.flatten() for value in last["state_dict"].values()])
+    gap = (torch.tensor(resumed["snapshots"][start]) - params).abs().max().item()
+    assert gap < 1e-6, f"resumed peer's parameters differ from the checkpoint's by {gap}"
+    assert resumed["global_step"] == int(start) + 2, f"8 local steps of 16 = 2 global steps of 64: {resumed}"
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_bootstrap_monitor_aux_local_status_and_dashboard_on_one_live_swarm(run_id: str, tmp_path: Path) -> None:
     skip_browser = _browser_unavailable()
     env: dict[str, Any] = {"MOSHPIT_TARGET_BATCH_SIZE": "64"}
     bootstrap_args = ["bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--run-id", run_id, "--monitor",
-                      "--log-dir", str(tmp_path / "logs"), "--period", "0.5", "--dashboard-port", "0"]  # fmt: skip
+                      "--log-dir", str(tmp_path / "logs"), "--period", "0.5", "--dashboard-port", "0",
+                      "--checkpoint-every", str(CHECKPOINT_EVERY), "--checkpoint-dir", str(tmp_path / "ckpt"),
+                      "--model", MODEL]  # fmt: skip
     with CliProcess(bootstrap_args) as bootstrap:
         url = bootstrap.wait_for_line(r"^\[moshpit\] dashboard: (\S+)$", timeout=60).group(1)
         address = bootstrap.wait_for_line(r"^MOSHPIT_INITIAL_PEERS=(\S+)$", timeout=10).group(1)
         aux_args = ["aux", "--run-id", run_id, "--initial-peers", address, "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
-                    "--model", "lightning_moshpit.testing.peer:TinyClassifier", *SETTINGS]  # fmt: skip
+                    "--model", MODEL, *SETTINGS]  # fmt: skip
         with CliProcess(aux_args, **env) as aux:
             aux.wait_for_line(r"auxiliary peer for run_id=", timeout=60)
             peer_args = ["--out", "peer{peer}.json", "--max-steps", str(LOCAL_STEPS), "--batch-size", "16",
@@ -158,5 +201,6 @@ def test_bootstrap_monitor_aux_local_status_and_dashboard_on_one_live_swarm(run_
     assert steps == sorted(set(steps)), f"monitor: one row per global step, in order: {steps}"
     assert steps[-1] >= final_step - 1 and len(steps) >= 0.8 * final_step, f"monitor missed global steps: {steps}"
     assert any(row["loss"] for row in rows), "monitor: the peers' published loss reaches the CSV"
+    _check_checkpoints(tmp_path, run_id, reports)
     if skip_browser is not None:
         pytest.skip(f"every check passed except the dashboard browser check, which {skip_browser}")

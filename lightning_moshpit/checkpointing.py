@@ -1,0 +1,144 @@
+"""Swarm checkpoints from the monitor: keep the swarm's state on disk, so nothing is lost if every trainer leaves.
+
+A swarm has no chief: its state (parameters, buffers, optimizer statistics and the global step) lives only in the
+training peers' memory. When the last of them leaves, a run that nobody checkpointed is gone. The bootstrap peer is
+the one process that stays up, so ``lightning-moshpit bootstrap --monitor --checkpoint-every N --model ...`` makes it
+download the state every ``N`` global steps and save it.
+
+It downloads through hivemind itself: the training peers' state averager serves its state to anybody who asks under
+``<run_id>_state_averager`` (the same path a late joiner uses). :class:`SwarmCheckpointer` builds a client-mode
+``TrainingStateAverager`` with the same tensors as the trainers' (so it needs the same LightningModule), calls
+``load_state_from_peers`` and writes the result in Lightning's checkpoint format. A peer restarted with
+``trainer.fit(model, ckpt_path="step_000120.ckpt")`` gets the parameters and optimizer state from it, and the swarm's
+global step: the strategy rejoins at that step, or at the running swarm's if that is ahead.
+
+The checkpointer never averages and never reports progress, so it does not count as a peer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
+import hivemind
+import lightning
+import torch
+from hivemind.optim.state_averager import TrainingStateAverager
+
+from lightning_moshpit.adapters import optimizer_factory
+
+log = logging.getLogger(__name__)
+
+
+def _first_optimizer(module: torch.nn.Module) -> torch.optim.Optimizer:
+    from lightning_moshpit.auxiliary import first_optimizer
+
+    return first_optimizer(module)
+
+
+class SwarmCheckpointer:
+    """A monitor listener that saves the swarm's state every ``every`` global steps under ``directory``.
+
+    Args:
+        dht: the monitor's DHT (the bootstrap peer's).
+        run_id: the swarm's run id.
+        module: a fresh instance of the training peers' LightningModule (same architecture; its weights are replaced
+            by the swarm's at each checkpoint).
+        directory: where ``step_<global step>.ckpt`` files and ``last.ckpt`` go; created if missing.
+        every: save when the swarm's global step is a positive multiple of this.
+        timeout: seconds one download may take before that checkpoint is skipped (with a warning).
+
+    Saving runs in a background thread, so a slow download never delays the monitor's logging; a checkpoint that is
+    due while another is still downloading is skipped, and the next multiple of ``every`` is tried.
+    """
+
+    def __init__(
+        self,
+        dht: hivemind.DHT,
+        run_id: str,
+        module: torch.nn.Module,
+        directory: Path,
+        every: int,
+        timeout: float = 60.0,
+    ) -> None:
+        if every < 1:
+            raise ValueError(f"`--checkpoint-every` must be a positive number of global steps, got {every}")
+        self.module, self.directory, self.every, self.timeout = module, Path(directory), every, timeout
+        self.directory.mkdir(parents=True, exist_ok=True)
+        optimizer = _first_optimizer(module)
+        buffers = [buffer for _, buffer in module.named_buffers() if buffer.is_floating_point()]
+        # The same tensors, in the same order, as the training peers' state averager (see
+        # MoshpitStrategy.build_swarm_optimizer): parameters by optimizer group, then floating-point buffers.
+        self.averager = TrainingStateAverager(
+            dht=dht,
+            optimizer=optimizer_factory(optimizer),
+            params=[dict(group) for group in optimizer.param_groups],
+            extra_tensors=buffers,
+            prefix=f"{run_id}_state_averager",
+            client_mode=True,
+            start=True,
+        )
+        self.saved: list[Path] = []
+        self._last_due: Optional[int] = None
+        self._thread: Optional[threading.Thread] = None
+
+    def __call__(self, snapshot: Any) -> None:
+        """Called by :class:`~lightning_moshpit.monitor.SwarmMonitor` with each new snapshot of the swarm."""
+        step = snapshot.global_step
+        due = step - step % self.every
+        if not snapshot.peers or due < self.every or due == self._last_due:
+            return
+        if self._thread is not None and self._thread.is_alive():
+            return  # still saving the previous one
+        self._last_due = due
+        self._thread = threading.Thread(target=self.save, name="moshpit-checkpoint", daemon=True)
+        self._thread.start()
+
+    def save(self) -> Optional[Path]:
+        """Download the swarm's current state and write it; returns the file, or None if no peer served it."""
+        before = self.averager.local_epoch
+        try:
+            self.averager.load_state_from_peers(timeout=self.timeout)
+        except Exception as error:  # a peer leaving mid-download, a shape mismatch: skip this one, keep monitoring
+            log.warning(f"[moshpit] checkpoint skipped: downloading the swarm's state failed: {error!r}")
+            return None
+        step = self.averager.local_epoch
+        if step <= before:  # hivemind logs why (no peer answered, a tensor mismatch) and leaves the state untouched
+            log.warning(f"[moshpit] checkpoint skipped: no peer served a state newer than global step {before}")
+            return None
+        path = self.directory / f"step_{step:06d}.ckpt"
+        optimizer_state = self.averager.optimizer.state_dict()
+        optimizer_state["state"]["local_epoch"] = step  # what SwarmOptimizer.load_state_dict reads back
+        checkpoint = {
+            # Lightning's checkpoint keys. "global_step" is Lightning's own count of local steps, which a monitor
+            # cannot know: it starts at 0 and the swarm's step travels in the optimizer state.
+            "epoch": 0,
+            "global_step": 0,
+            "pytorch-lightning_version": lightning.__version__,
+            "state_dict": self.module.state_dict(),
+            "optimizer_states": [optimizer_state],
+            "lr_schedulers": [],
+            "moshpit_global_step": step,
+        }
+        _atomic_save(checkpoint, path)
+        _atomic_save(checkpoint, self.directory / "last.ckpt")
+        self.saved.append(path)
+        log.info(f"[moshpit] checkpoint of global step {step}: {path}")
+        print(f"[moshpit] checkpoint of global step {step}: {path}", flush=True)
+        return path
+
+    def shutdown(self) -> None:
+        """Wait for a save in progress (up to ``timeout``) and stop the averager."""
+        if self._thread is not None:
+            self._thread.join(self.timeout)
+        self.averager.shutdown()
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file, then rename: a reader never sees half a checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)

@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
+# extra pytest options, e.g. `make test PYTEST_ARGS=-s` to see the figures the multi-peer tests print
+PYTEST_ARGS ?=
 
 .PHONY: venv install install-dev test test-quick demo lint clean
 
@@ -23,11 +25,11 @@ install-dev: venv
 
 ## make test: install the dev extras and run the whole suite (multi-peer tests included)
 test: install-dev
-	$(BIN)/python -m pytest -ra
+	$(BIN)/python -m pytest -ra --durations=25 $(PYTEST_ARGS)
 
 ## make test-quick: only the fast tests (no multi-peer scenarios)
 test-quick: install-dev
-	$(BIN)/python -m pytest -ra -m "not slow"
+	$(BIN)/python -m pytest -ra -m "not slow" $(PYTEST_ARGS)
 
 ## make demo: a local swarm of 3 peers on 127.0.0.1 training on scikit-learn's digits; exits by itself
 demo: install

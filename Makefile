@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv install install-dev test test-quick demo lint clean
+.PHONY: venv install install-dev test test-quick demo lint clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ test-quick: install-dev
 ## make demo: a local swarm of 3 peers on 127.0.0.1 training on scikit-learn's digits; exits by itself
 demo: install
 	$(BIN)/python examples/local_swarm.py --peers 3
+
+## make bench: the benchmark scripts (simulator ~30 s; averaging ~10 min on 2 cores); results go to docs/benchmarks/
+bench: install-dev
+	$(BIN)/python benchmarks/simulator.py
+	$(BIN)/python benchmarks/averaging.py
 
 lint: install-dev
 	$(BIN)/ruff check lightning_moshpit tests examples benchmarks

@@ -36,7 +36,7 @@ demo: install
 ## make bench: the benchmark scripts (simulator ~30 s; averaging ~10 min on 2 cores); results go to docs/benchmarks/
 bench: install-dev
 	$(BIN)/python benchmarks/simulator.py
-	$(BIN)/python benchmarks/averaging.py
+	flock /tmp/swarm.lock $(BIN)/python benchmarks/averaging.py --large-parts --profile
 
 lint: install-dev
 	$(BIN)/ruff check lightning_moshpit tests examples benchmarks

@@ -170,6 +170,48 @@ def worker(args: argparse.Namespace) -> None:  # noqa: C901 - one linear script 
     dist.destroy_process_group()
 
 
+def component_costs(mib: float, part_mib: float, compression: str) -> dict[str, float]:
+    """CPU seconds one process spends per ``mib`` MiB on each stage hivemind applies to every part (no network).
+
+    hivemind's all-reduce cuts the tensor into parts of ``part_size_bytes``; for every part a peer sends, it compresses
+    and serializes the part into a protobuf message, and for every part it receives, it parses the message,
+    deserializes it and adds it into its running average (then the averaged part goes back the same way). These are
+    the Python-side costs; the p2pd daemon's copies over its Unix socket and loopback TCP come on top.
+    """
+    import torch
+    from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+    from hivemind.proto import runtime_pb2
+
+    from lightning_moshpit.averaging import make_compression
+
+    torch.set_num_threads(1)
+    codec = make_compression(compression)
+    numel = int(mib * 2**20 / ELEMENT_BYTES)
+    part = int(part_mib * 2**20 / ELEMENT_BYTES)
+    tensor = torch.randn(numel)
+    accumulator = torch.zeros(part)
+    stages = collections.Counter()
+    for offset in range(0, numel, part):
+        chunk = tensor[offset : offset + part]
+        t0 = time.perf_counter()
+        message = serialize_torch_tensor(chunk, codec.compression_type)
+        t1 = time.perf_counter()
+        wire = message.SerializeToString()
+        t2 = time.perf_counter()
+        parsed = runtime_pb2.Tensor.FromString(wire)
+        t3 = time.perf_counter()
+        restored = deserialize_torch_tensor(parsed)
+        t4 = time.perf_counter()
+        accumulator[: restored.numel()].add_(restored, alpha=0.5)
+        t5 = time.perf_counter()
+        stages["compress"] += t1 - t0
+        stages["protobuf serialize"] += t2 - t1
+        stages["protobuf parse"] += t3 - t2
+        stages["decompress"] += t4 - t3
+        stages["reduce (add_)"] += t5 - t4
+    return dict(stages)
+
+
 # ----------------------------------------------------------------------------------------------------------- driver
 
 
@@ -299,6 +341,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds before a whole peer-count run is killed")
     parser.add_argument("--large-parts", action="store_true", help="also run ours with 4 MiB parts at the largest size")
     parser.add_argument("--profile", action="store_true", help="one more pass of ours, none, largest size, most peers, with py-spy on one peer")
+    parser.add_argument("--components-only", action="store_true", help="only the in-process per-part CPU costs")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/averaging.json"))
     parser.add_argument("--plot", type=Path, default=Path("docs/benchmarks/averaging.png"))
     # worker-only arguments
@@ -314,6 +357,19 @@ def main() -> None:
         return
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    components = {}
+    largest = max(args.sizes_mib)
+    print(f"in-process CPU seconds per {largest:g} MiB and stage (one core, no network)")
+    print("| compression | part MiB | " + " | ".join(["compress", "protobuf serialize", "protobuf parse", "decompress",
+                                                    "reduce (add_)"]) + " | sum |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for compression, part_mib in [("none", 0.5), ("none", 4.0), ("fp16", 0.5)]:
+        costs = component_costs(largest, part_mib, compression)
+        components[f"{compression}, {part_mib:g} MiB parts"] = costs
+        print(f"| {compression} | {part_mib:g} | " + " | ".join(f"{v:.3f}" for v in costs.values()) +
+              f" | {sum(costs.values()):.3f} |", flush=True)  # fmt: skip
+    if args.components_only:
+        return
     started = time.perf_counter()
     load_before = os.getloadavg()
     rows: list[dict[str, Any]] = []
@@ -352,6 +408,7 @@ def main() -> None:
     args.out.write_text(json.dumps(dict(
         command="python benchmarks/averaging.py " + " ".join(sys.argv[1:]), matchmaking_time=args.matchmaking_time,
         repeats=args.repeats, load_average_before=load_before, rows=rows, profile_top_leaves=profile,
+        component_seconds=components,
     ), indent=1))  # fmt: skip
     plot(rows, args.plot)
     print(f"wrote {args.out} and {args.plot} in {time.perf_counter() - started:.0f} s")

@@ -279,19 +279,32 @@ def summarize(per_rank: list[list[dict[str, Any]]], peers: int, repeats: int) ->
     return result
 
 
-def summarize_profile(path: Path, top: int = 18) -> list[tuple[str, float]]:
-    """py-spy raw output (one collapsed stack and its sample count per line) -> share of samples per leaf function."""
-    leaves: collections.Counter[str] = collections.Counter()
-    total = 0
+def summarize_profile(path: Path, top: int = 15) -> list[tuple[str, float]]:
+    """py-spy raw output (one collapsed stack and its sample count per line) -> share of samples per process and leaf.
+
+    With ``--subprocesses`` a stack starts with the peer's process, then (for the averager and DHT children hivemind
+    forks) the child process; the child is what names the row. The leaf is the innermost Python frame: time spent in
+    C code (uvloop's socket I/O, ``bytes`` copies, protobuf) is charged to the Python line that called it.
+    """
+    stacks = []
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        if not count.isdigit():
-            continue
-        frames = stack.split(";")
-        process = frames[0][:60]
-        leaf = frames[-1] if len(frames) > 1 else "?"
-        leaves[f"{leaf}  [{process}]"] += int(count)
-        total += int(count)
+        if count.isdigit():
+            frames = stack.split(";")
+            process = frames[1] if len(frames) > 1 and frames[1].startswith("process ") else frames[0]
+            stacks.append((process.split(":")[0], frames, int(count)))
+    roles: dict[str, str] = {}
+    for process, frames, _ in stacks:
+        if any("DecentralizedAverager" in frame for frame in frames):
+            roles[process] = "averager process"
+        elif any("DHT.run" in frame for frame in frames):
+            roles.setdefault(process, "DHT process")
+    leaves: collections.Counter[str] = collections.Counter()
+    total = 0
+    for process, frames, count in stacks:
+        leaf = frames[-1] if not frames[-1].startswith("process ") else "(no Python frame)"
+        leaves[f"{roles.get(process, 'peer main process')}: {leaf}"] += count
+        total += count
     return [(name, count / total) for name, count in leaves.most_common(top)] if total else []
 
 
@@ -341,6 +354,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds before a whole peer-count run is killed")
     parser.add_argument("--large-parts", action="store_true", help="also run ours with 4 MiB parts at the largest size")
     parser.add_argument("--profile", action="store_true", help="one more pass of ours, none, largest size, most peers, with py-spy on one peer")
+    parser.add_argument("--summarize-profile", type=Path, help="only print the summary of a saved py-spy raw profile")
     parser.add_argument("--components-only", action="store_true", help="only the in-process per-part CPU costs")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/averaging.json"))
     parser.add_argument("--plot", type=Path, default=Path("docs/benchmarks/averaging.png"))
@@ -356,6 +370,10 @@ def main() -> None:
         worker(args)
         return
 
+    if args.summarize_profile:
+        for name, share in summarize_profile(args.summarize_profile, top=25):
+            print(f"{100 * share:5.1f}%  {name}")
+        return
     args.out.parent.mkdir(parents=True, exist_ok=True)
     components = {}
     largest = max(args.sizes_mib)

@@ -64,6 +64,35 @@ def free_port() -> int:
 # ----------------------------------------------------------------------------------------------------------- worker
 
 
+def cpu_seconds_by_kind(root: int) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by ``root`` and all its descendants, split into p2pd and Python.
+
+    Read from ``/proc`` (Linux only; empty elsewhere). A peer's descendants are hivemind's averager and DHT processes
+    and the p2pd daemon, so this sees the Go daemon that py-spy cannot.
+    """
+    parents: dict[int, int] = {}
+    stats: dict[int, tuple[float, str]] = {}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        pid = int(entry.name)
+        parents[pid] = int(fields[1])
+        stats[pid] = ((int(fields[11]) + int(fields[12])) / tick, "p2pd" if b"p2pd" in cmdline else "python")
+    totals: dict[str, float] = collections.Counter()
+    for pid, (seconds, kind) in stats.items():
+        ancestor = pid
+        while ancestor not in (root, 0, 1) and ancestor in parents:
+            ancestor = parents[ancestor]
+        if ancestor == root:
+            totals[kind] += seconds
+    return dict(totals)
+
+
+
 def worker(args: argparse.Namespace) -> None:  # noqa: C901 - one linear script per peer
     import torch
     import torch.distributed as dist
@@ -113,6 +142,7 @@ def worker(args: argparse.Namespace) -> None:  # noqa: C901 - one linear script 
     if args.profile:  # a separate pass, so the profiler's own CPU use does not touch the numbers in the table
         plan.append((VARIANTS[1], args.sizes_mib[-1], sizes[-1], True))
     profiler = None
+    cpu: list[dict[str, Any]] = []
     for (name, compression, part_mib), mib, numel, profiled in plan:
         tensor = torch.full((numel,), float(rank + 1))
         prefix = f"{args.run_id}_{name}_{compression}_{part_mib}_{mib}_{profiled}".replace(".", "p")
@@ -126,6 +156,7 @@ def worker(args: argparse.Namespace) -> None:  # noqa: C901 - one linear script 
         if part_mib is not None:
             options.update(part_size_bytes=int(part_mib * 2**20))
         averager = hivemind.DecentralizedAverager([tensor], dht, prefix=prefix, start=True, **options)
+        cpu_before: dict[str, float] = {}
         for repeat in range(args.repeats + 1):
             with averager.get_tensors() as tensors:
                 tensors[0].fill_(rank + 1)
@@ -138,6 +169,8 @@ def worker(args: argparse.Namespace) -> None:  # noqa: C901 - one linear script 
                     )  # fmt: skip
                 time.sleep(1.5)  # let py-spy attach
             dist.barrier()
+            if repeat == 1:
+                cpu_before = cpu_seconds_by_kind(os.getpid())
             start = time.time()
             control = averager.step(wait=False, require_trigger=True, timeout=averaging_timeout)
             while control.stage == AveragingStage.LOOKING_FOR_GROUP or control.stage == AveragingStage.IDLE:
@@ -157,6 +190,10 @@ def worker(args: argparse.Namespace) -> None:  # noqa: C901 - one linear script 
             records.append(dict(variant=name + (" (profiled)" if profiled else ""), compression=compression, part_mib=part_mib, mib=mib, repeat=repeat,
                                 start=start, triggered=triggered, end=end, group=len(group) if group else 0,
                                 error=error))  # fmt: skip
+        cpu_after = cpu_seconds_by_kind(os.getpid())
+        cpu.append(dict(variant=name + (" (profiled)" if profiled else ""), compression=compression, part_mib=part_mib,
+                        mib=mib, rounds=args.repeats,
+                        seconds={k: cpu_after.get(k, 0.0) - cpu_before.get(k, 0.0) for k in cpu_after}))  # fmt: skip
         if profiler is not None:
             profiler.send_signal(signal.SIGINT)
             profiler.wait(timeout=60)
@@ -165,6 +202,7 @@ def worker(args: argparse.Namespace) -> None:  # noqa: C901 - one linear script 
         averager.shutdown()
         del tensor
     (args.workdir / f"rank{rank}.json").write_text(json.dumps(records))
+    (args.workdir / f"rank{rank}_cpu.json").write_text(json.dumps(cpu))
     dist.barrier()
     dht.shutdown()
     dist.destroy_process_group()
@@ -215,7 +253,7 @@ def component_costs(mib: float, part_mib: float, compression: str) -> dict[str, 
 # ----------------------------------------------------------------------------------------------------------- driver
 
 
-def run_swarm(args: argparse.Namespace, peers: int, workdir: Path) -> list[dict[str, Any]]:
+def run_swarm(args: argparse.Namespace, peers: int, workdir: Path) -> tuple[list[Any], list[Any]]:
     port = free_port()
     run_id = f"avgbench_{os.getpid()}_{peers}"
     common = [sys.executable, str(Path(__file__).resolve()), "--worker", "--world", str(peers), "--port", str(port),
@@ -247,7 +285,9 @@ def run_swarm(args: argparse.Namespace, peers: int, workdir: Path) -> list[dict[
     if codes != [0] * peers:
         tail = "\n".join((workdir / f"rank{rank}.log").read_text()[-3000:] for rank in range(peers))
         raise RuntimeError(f"{peers}-peer run failed with exit codes {codes}:\n{tail}")
-    return [json.loads((workdir / f"rank{rank}.json").read_text()) for rank in range(peers)]
+    return [json.loads((workdir / f"rank{rank}.json").read_text()) for rank in range(peers)], [
+        json.loads((workdir / f"rank{rank}_cpu.json").read_text()) for rank in range(peers)
+    ]
 
 
 def summarize(per_rank: list[list[dict[str, Any]]], peers: int, repeats: int) -> list[dict[str, Any]]:
@@ -392,12 +432,21 @@ def main() -> None:
     load_before = os.getloadavg()
     rows: list[dict[str, Any]] = []
     profile: list[tuple[str, float]] = []
+    cpu_rows: list[dict[str, Any]] = []
     for peers in args.peers:
         with tempfile.TemporaryDirectory(prefix=f"avgbench{peers}_") as tmp:
             workdir = Path(tmp)
             args.profile_this_run = args.profile and peers == max(args.peers)
-            per_rank = run_swarm(argparse.Namespace(**{**vars(args), "profile": args.profile_this_run}), peers, workdir)
+            per_rank, cpu_per_rank = run_swarm(
+                argparse.Namespace(**{**vars(args), "profile": args.profile_this_run}), peers, workdir
+            )
             rows.extend(summarize(per_rank, peers, args.repeats))
+            for entries in zip(*cpu_per_rank):  # the same config on every peer
+                total: dict[str, float] = collections.Counter()
+                for entry in entries:
+                    total.update(entry["seconds"])
+                cpu_rows.append(dict(peers=peers, **{k: v for k, v in entries[0].items() if k != "seconds"},
+                                     cpu_seconds_per_round={k: v / entries[0]["rounds"] for k, v in total.items()}))  # fmt: skip
             if args.profile_this_run and (workdir / "profile.txt").exists():
                 profile = summarize_profile(workdir / "profile.txt")
                 (args.out.parent / "averaging_profile.txt").write_text((workdir / "profile.txt").read_text())
@@ -418,6 +467,16 @@ def main() -> None:
         ratio = f"{row['ratio_to_gloo']:.1f}×" + ("" if row["variant"] == "gloo" else f" ({row['ratio_to_gloo_with_matchmaking']:.1f}×)")
         print(f"| {row['peers']} | {row['mib']:g} | {label(row)} | {incl} | {row['allreduce_median']:.3f} | {ratio} | "
               f"{row['full_groups']}/{row['rounds']} | {row['max_error']:.2g} |")  # fmt: skip
+    print("\nCPU seconds per round, summed over all peers' processes (python: peer, averager, DHT; p2pd: the daemons)")
+    print("| peers | MiB | variant | python | p2pd | wall s per round, incl. matchmaking | cores busy (approx.) |")
+    print("|---|---|---|---|---|---|---|")
+    walls = {(r["peers"], r["variant"], r["compression"], r["part_mib"], r["mib"]): r["total_median"] for r in rows}
+    for row in cpu_rows:
+        seconds = row["cpu_seconds_per_round"]
+        wall = walls.get((row["peers"], row["variant"], row["compression"], row["part_mib"], row["mib"]), float("nan"))
+        busy = (seconds.get("python", 0.0) + seconds.get("p2pd", 0.0)) / wall
+        print(f"| {row['peers']} | {row['mib']:g} | {label(row)} | {seconds.get('python', 0.0):.2f} | "
+              f"{seconds.get('p2pd', 0.0):.2f} | {wall:.2f} | {busy:.2f} |")  # fmt: skip
     if profile:
         print("\npy-spy, one peer (ours, no compression, largest size): share of samples by leaf function [process]")
         for name, share in profile:
@@ -426,7 +485,7 @@ def main() -> None:
     args.out.write_text(json.dumps(dict(
         command="python benchmarks/averaging.py " + " ".join(sys.argv[1:]), matchmaking_time=args.matchmaking_time,
         repeats=args.repeats, load_average_before=load_before, rows=rows, profile_top_leaves=profile,
-        component_seconds=components,
+        component_seconds=components, cpu=cpu_rows,
     ), indent=1))  # fmt: skip
     plot(rows, args.plot)
     print(f"wrote {args.out} and {args.plot} in {time.perf_counter() - started:.0f} s")

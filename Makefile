@@ -7,7 +7,7 @@ TORCH_PIN ?= torch==2.13.0
 # extra pytest options, e.g. `make test PYTEST_ARGS=-s` to see the figures the multi-peer tests print
 PYTEST_ARGS ?=
 
-.PHONY: venv install install-dev test test-quick demo lint clean
+.PHONY: venv install install-dev test test-quick demo lint clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ test-quick: install-dev
 ## make demo: a local swarm of 3 peers on 127.0.0.1 training on scikit-learn's digits; exits by itself
 demo: install
 	$(BIN)/python examples/local_swarm.py --peers 3
+
+## make bench: the benchmark scripts (simulator ~30 s; averaging ~10 min on 2 cores); results go to docs/benchmarks/
+bench: install-dev
+	$(BIN)/python benchmarks/simulator.py
+	flock /tmp/swarm.lock $(BIN)/python benchmarks/averaging.py --large-parts --profile
 
 lint: install-dev
 	$(BIN)/ruff check lightning_moshpit tests examples benchmarks

@@ -37,8 +37,9 @@ demo: install
 
 ## make bench: the benchmark scripts (simulator ~30 s; averaging ~10 min on 2 cores); results go to docs/benchmarks/
 bench: install-dev
+	$(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python benchmarks/simulator.py
-	flock /tmp/swarm.lock $(BIN)/python benchmarks/averaging.py --large-parts --profile
+	$(BIN)/python benchmarks/averaging.py --large-parts --profile
 
 lint: install-dev
 	$(BIN)/ruff check lightning_moshpit tests examples benchmarks

@@ -138,67 +138,46 @@ def start_dht(
     error would only say that the daemon failed to start. With ``swarm_secret`` the DHT is private (see
     :mod:`lightning_moshpit.security`): every request, response and record must prove the secret.
     """
-    if swarm_secret is not None:
-        with tempfile.TemporaryDirectory(prefix="moshpit_identity_") as scratch:
-            # the token names this peer's id, so the id must be known before the daemon starts: fix it with a key file
-            fresh = identity_path is None or not os.path.isfile(identity_path)
-            path = os.path.join(scratch, "identity.key") if identity_path is None else identity_path
-            if fresh:
-                P2P.generate_identity(path)
-            with open(path, "rb") as file:
-                peer_id = PeerID.from_identity(file.read()).to_base58()
-            return _start_dht(
-                initial_peers=initial_peers, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs,
-                client_mode=client_mode, identity_path=path, startup_timeout=startup_timeout, private_peer_id=peer_id,
-                authorizer=SecretAuthorizer(swarm_secret, peer_id),
-                record_validators=[SecretRecordValidator(swarm_secret)],
-                check_if_identity_free=not fresh,  # a key made a moment ago cannot be in use elsewhere
-            )  # fmt: skip
-    return _start_dht(
-        initial_peers=initial_peers, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs,
-        client_mode=client_mode, identity_path=identity_path, startup_timeout=startup_timeout,
-    )  # fmt: skip
-
-
-def _start_dht(
-    *,
-    initial_peers: list[str],
-    host_maddrs: list[str],
-    announce_maddrs: list[str],
-    client_mode: bool,
-    identity_path: Optional[str],
-    startup_timeout: float,
-    private_peer_id: Optional[str] = None,
-    **private: Any,
-) -> hivemind.DHT:
     kwargs: dict[str, Any] = dict(
         initial_peers=initial_peers,
         host_maddrs=host_maddrs,
         client_mode=client_mode,
         startup_timeout=startup_timeout,
         start=True,
-        **private,  # a private swarm's authorizer, record validators and identity check
     )
     if announce_maddrs:
         kwargs["announce_maddrs"] = announce_maddrs
-    if identity_path is not None:
-        kwargs["identity_path"] = identity_path
-    try:
-        return hivemind.DHT(**kwargs)
-    except Exception as error:
-        if initial_peers:
-            private_hint = (
-                f" This peer (id {private_peer_id}) runs a private swarm: if the peers there answered but refused it, "
-                f"its swarm_secret / {ENV_SWARM_SECRET} differs from theirs."
-                if private_peer_id is not None
-                else ""
-            )
-            raise ConnectionError(
-                f"Could not join the swarm through initial_peers={initial_peers} within {startup_timeout:.0f} s: "
-                f"{error}. Check that a peer is running there and that the address (including /p2p/<peer id>) was "
-                f"copied exactly.{private_hint}"
-            ) from error
-        raise
+    peer_id: Optional[str] = None
+    with tempfile.TemporaryDirectory(prefix="moshpit_identity_") as scratch:  # p2pd reads a key file at start only
+        if swarm_secret is not None:
+            # the token names this peer's id, so the id must be known before the daemon starts: fix it with a key file
+            fresh = identity_path is None or not os.path.isfile(identity_path)
+            identity_path = os.path.join(scratch, "identity.key") if identity_path is None else identity_path
+            if fresh:
+                P2P.generate_identity(identity_path)
+            with open(identity_path, "rb") as file:
+                peer_id = PeerID.from_identity(file.read()).to_base58()
+            kwargs["authorizer"] = SecretAuthorizer(swarm_secret, peer_id)
+            kwargs["record_validators"] = [SecretRecordValidator(swarm_secret)]
+            kwargs["check_if_identity_free"] = not fresh  # a key made a moment ago cannot be in use elsewhere
+        if identity_path is not None:
+            kwargs["identity_path"] = identity_path
+        try:
+            return hivemind.DHT(**kwargs)
+        except Exception as error:
+            if initial_peers:
+                private_hint = (
+                    f" This peer (id {peer_id}) runs a private swarm: if the peers there answered but refused it, "
+                    f"its swarm_secret / {ENV_SWARM_SECRET} differs from theirs."
+                    if peer_id is not None
+                    else ""
+                )
+                raise ConnectionError(
+                    f"Could not join the swarm through initial_peers={initial_peers} within {startup_timeout:.0f} s: "
+                    f"{error}. Check that a peer is running there and that the address (including /p2p/<peer id>) "
+                    f"was copied exactly.{private_hint}"
+                ) from error
+            raise
 
 
 def visible_addresses(dht: hivemind.DHT) -> list[str]:

@@ -26,18 +26,18 @@ LOCAL_STEPS = 64  # with 2 peers and 16-sample batches, a global step every 16 l
 LIAR_MODULE = "lightning_moshpit.testing.liar"
 
 
-def test_an_outsider_is_refused_and_a_liar_cannot_force_early_steps(make_swarm, tmp_path) -> None:
+def test_an_outsider_is_refused_and_a_liar_cannot_force_early_steps(make_swarm) -> None:
     swarm = make_swarm()
-    progress = tmp_path / "progress"
     args = [*scenarios.PEER_ARGS, "--min-peers", "2", "--max-steps", str(LOCAL_STEPS)]
-    swarm.start_peer([*args, "--seed", "0", "--progress-file", str(progress)], env=SECRET)
-    swarm.start_peer([*args, "--seed", "1"], env=SECRET)
-    liar = swarm.start_peer([], bootstrap=False, env=SECRET, module=LIAR_MODULE)
-    swarm.wait_for_global_step(progress, 1, timeout=60)
+    swarm.start_peer([*args, "--seed", "0"], env=SECRET)
+    # the outsider starts with the insiders, so that it knocks while they run (it exits as soon as it is refused)
     outsider = swarm.start_peer([*args, "--seed", "2"], bootstrap=False, env=WRONG_SECRET)
+    swarm.start_peer([*args, "--seed", "1"], env=SECRET, bootstrap=False)
+    liar = swarm.start_peer([], bootstrap=False, env=SECRET, module=LIAR_MODULE)
 
     codes = swarm.wait(90)
-    assert codes[:2] == [0, 0], [swarm.log(i)[-3000:] for i in range(2)]
+    insider_indices = [0, 2]
+    assert [codes[i] for i in insider_indices] == [0, 0], [swarm.log(i)[-3000:] for i in insider_indices]
     assert codes[liar] == 0, swarm.log(liar)[-3000:]
 
     # the outsider: a clear error naming the cause, and an exit rather than a hang
@@ -48,8 +48,8 @@ def test_an_outsider_is_refused_and_a_liar_cannot_force_early_steps(make_swarm, 
     outsider_id = re.search(r"This peer \(id (\w+)\)", error).group(1)
     print(f"outsider saw: {error[:600]}")
 
-    insiders = [scenarios.load_report(swarm.report_path(i)) for i in range(2)]
-    insider_logs = [swarm.log(i) for i in range(2)]
+    insiders = [scenarios.load_report(swarm.report_path(i)) for i in insider_indices]
+    insider_logs = [swarm.log(i) for i in insider_indices]
     result = scenarios.figures("private swarm (outsider + liar)", insiders)
 
     # the insiders named the outsider, and never counted or averaged with anyone but each other

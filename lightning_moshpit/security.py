@@ -272,6 +272,15 @@ class PrivateAveragerMixin(DecentralizedAverager):
     secret as ``swarm_secret=``.
     """
 
+    @classmethod
+    def _get_handle_name(cls, namespace: Optional[str], method_name: str) -> str:
+        # hivemind names RPC handlers after the class; keep the stock class's name (the first non-private one in the
+        # MRO), so that a stock averager's join request reaches our check (and is refused with a warning naming it)
+        # instead of failing with "no handler", and tools that download the state with a stock averager keep working
+        stock = next(base for base in cls.__mro__ if not issubclass(base, PrivateAveragerMixin))
+        handle_name = f"{stock.__name__}.{method_name}"
+        return f"{namespace}::{handle_name}" if namespace is not None else handle_name
+
     def __init__(self, *args: Any, swarm_secret: SwarmSecret, **kwargs: Any) -> None:
         self.swarm_secret = swarm_secret
         self._refusals = _Warner()
@@ -337,7 +346,7 @@ def implausible_progress(
 class PrivateGradientAverager(GradientAverager, PrivateAveragerMixin):
     """hivemind's ``GradientAverager`` that averages only with holders of the swarm secret."""
 
-    _rpc_handlers = None  # collect this class's own handlers: hivemind names them after the class
+    _rpc_handlers = None  # collect this class's own handlers and stub
     _stub_type = None
 
 

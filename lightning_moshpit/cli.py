@@ -28,6 +28,7 @@ from typing import Any, Optional
 import hivemind
 
 from lightning_moshpit import swarm
+from lightning_moshpit.security import resolve_swarm_secret
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
@@ -122,6 +123,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
             client_mode=False,
             identity_path=args.identity_path,
             startup_timeout=args.startup_timeout,
+            swarm_secret=resolve_swarm_secret(None),  # MOSHPIT_SWARM_SECRET: a private swarm's peers need it
         )
         monitor, server = None, None
         try:
@@ -205,6 +207,7 @@ def _client_dht(initial_peers: list[str], timeout: float) -> hivemind.DHT:
             client_mode=True,
             identity_path=None,
             startup_timeout=timeout,
+            swarm_secret=resolve_swarm_secret(None),
         )
     except Exception as error:
         raise SystemExit(f"error: no swarm answered at {','.join(initial_peers)} within {timeout:g} s: {error}") from None
@@ -339,6 +342,7 @@ def cmd_local(args: argparse.Namespace) -> int:
                 client_mode=False,
                 identity_path=None,
                 startup_timeout=args.startup_timeout,
+                swarm_secret=resolve_swarm_secret(None),
             )
         try:
             addresses = joined or swarm.visible_addresses(dht)

@@ -34,10 +34,13 @@ import hivemind
 import torch
 from hivemind.averaging.control import StepControl
 from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
+from hivemind.optim.state_averager import TrainingStateAverager
+from hivemind.p2p import PeerID
 from hivemind.utils import ValueWithExpiration, get_dht_time
 
 from lightning_moshpit.averaging import grid_group_bits, key_length, random_group_bits
 from lightning_moshpit.guards import ModelSignature, nonfinite_gradients
+from lightning_moshpit.security import PrivateTrainingStateAverager, SwarmSecret, implausible_progress
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +72,37 @@ class SwarmProgressTracker(ProgressTracker):
       asynchronous store; we substitute the live local record;
     - between refreshes it ignores what the other peers have done since their last report; we extrapolate each
       peer's count with the throughput it reported, as hivemind already does for its ETA estimate.
+
+    It also ignores (with a warning naming the peer) records whose claims cannot be true, e.g. 10**9 samples toward
+    one step: see :func:`lightning_moshpit.security.implausible_progress`. Without that, one such record made every
+    peer take an optimizer step at its next refresh.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._others: list[tuple[int, float, float]] = []  # (samples, report time, samples/s) of current-epoch peers
         self.last_fetch_time = time.time()  #: wall-clock time of the last swarm-progress fetch (stale after a pause)
+        self.implausible_records = 0  #: progress records ignored because their claims exceed the plausibility bound
+        self._warned_implausible: dict[bytes, int] = {}  # peer id -> epoch of the last warning about it
         super().__init__(*args, **kwargs)
+
+    def plausible(self, record: Any) -> bool:
+        """Whether a raw progress record (a dict, as stored in the DHT) is well-formed and within the bound."""
+        try:
+            return self._plausible(LocalTrainingProgress.parse_obj(record))
+        except Exception:  # pydantic's ValidationError, or not a mapping at all
+            return False
+
+    def _plausible(self, progress: LocalTrainingProgress) -> bool:
+        problem = implausible_progress(progress.samples_accumulated, progress.samples_per_second,
+                                       self.target_batch_size, self.max_refresh_period)  # fmt: skip
+        if problem is None:
+            return True
+        self.implausible_records += 1
+        if self._warned_implausible.get(progress.peer_id) != progress.epoch:
+            self._warned_implausible[progress.peer_id] = progress.epoch
+            log.warning(f"Ignored the progress record of peer {PeerID(progress.peer_id).to_base58()} at global step "
+                        f"{progress.epoch}: it {problem} (target_batch_size={self.target_batch_size})")  # fmt: skip
+        return False
 
     def _parse_swarm_progress_data(self, metadata: Any) -> Any:
         self.last_fetch_time = time.time()
@@ -84,7 +112,12 @@ class SwarmProgressTracker(ProgressTracker):
             for record in metadata.values():
                 value = getattr(record, "value", None)
                 if isinstance(value, dict) and value.get("peer_id") != own.peer_id:
-                    others.append(LocalTrainingProgress.parse_obj(value))
+                    record = LocalTrainingProgress.parse_obj(value)
+                    if self._plausible(record):
+                        # hivemind extrapolates a record by (now - its time) x its samples/s, unbounded: a record dated
+                        # far in the past would count as any number of samples. Extrapolate by at most the horizon.
+                        oldest = get_dht_time() - self.max_refresh_period
+                        others.append(record.copy(update={"time": max(record.time, oldest)}))
             metadata = {subkey: ValueWithExpiration(p.dict(), float("inf")) for subkey, p in enumerate(others)}
             metadata["self"] = ValueWithExpiration(own.dict(), float("inf"))
         progress = super()._parse_swarm_progress_data(metadata)
@@ -130,8 +163,10 @@ class SwarmOptimizer(hivemind.Optimizer):
         group_size: int,
         param_names: Optional[list[str]] = None,
         model_signature: Optional[ModelSignature] = None,
+        swarm_secret: Optional[SwarmSecret] = None,
         **kwargs: Any,
     ) -> None:
+        self.swarm_secret = swarm_secret  #: a private swarm's secret: its averagers admit only peers that prove it
         self.group_size = group_size
         self.param_names = param_names
         self.model_signature = model_signature
@@ -155,6 +190,27 @@ class SwarmOptimizer(hivemind.Optimizer):
             target_batch_size=target_batch_size,
             client_mode=self.client_mode,
             status_loglevel=self.status_loglevel,
+            start=True,
+            **kwargs,
+        )
+
+    def _make_state_averager(self, **kwargs: Any) -> TrainingStateAverager:
+        if self.swarm_secret is None:
+            return super()._make_state_averager(**kwargs)
+        # hivemind.Optimizer._make_state_averager (1.1.12) with the private class: it has no class argument
+        return PrivateTrainingStateAverager(
+            swarm_secret=self.swarm_secret,
+            dht=self.dht,
+            prefix=f"{self.run_id}_state_averager",
+            min_matchmaking_time=self.matchmaking_time,
+            allreduce_timeout=self.allreduce_timeout,
+            shutdown_timeout=self.shutdown_timeout,
+            offload_optimizer=self.offload_optimizer,
+            custom_gradients=self.offload_optimizer,
+            status_loglevel=self.status_loglevel,
+            next_chunk_timeout=self.next_chunk_timeout,
+            client_mode=self.client_mode,
+            auxiliary=self.auxiliary,
             start=True,
             **kwargs,
         )
@@ -185,6 +241,8 @@ class SwarmOptimizer(hivemind.Optimizer):
         for record in found.value.values():
             value = getattr(record, "value", None)
             if isinstance(value, dict) and isinstance(value.get("peer_id"), bytes):
+                if isinstance(self.tracker, SwarmProgressTracker) and not self.tracker.plausible(value):
+                    continue  # a peer that claims impossible progress does not count toward min_peers either
                 peer_ids.append(value["peer_id"])
         return sorted(set(peer_ids))
 

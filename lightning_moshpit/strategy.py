@@ -23,7 +23,7 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-from lightning_moshpit import swarm
+from lightning_moshpit import security, swarm
 from lightning_moshpit.adapters import (
     GlobalStepScheduler,
     check_optimizer_kwargs,
@@ -105,6 +105,11 @@ class MoshpitStrategy(SingleDeviceStrategy):
         min_peers_timeout: Wait at most this many seconds for ``min_peers``, then start with whoever is there.
         bootstrap_timeout: Seconds to reach ``initial_peers`` before raising a ``ConnectionError`` naming them.
         verbose: Log hivemind's progress messages (rounds, peers, state downloads) at INFO level.
+        swarm_secret: Make the swarm private: only peers started with the same secret (at least 16 characters) can
+            join its DHT, publish progress records or average with it; others are refused with a warning naming their
+            peer id. Default: env ``MOSHPIT_SWARM_SECRET``, else an open swarm. Prefer the environment variable, so
+            the secret stays out of scripts and shell history; it is never printed or logged. Every peer of the run,
+            auxiliary and monitor peers included, needs it. See ``docs/security.md`` for what it does not protect.
         **optimizer_kwargs: Passed through to ``hivemind.Optimizer`` (e.g. ``load_state_timeout``,
             ``averager_opts``, ``tracker_opts``, ``reuse_grad_buffers``).
     """
@@ -132,6 +137,7 @@ class MoshpitStrategy(SingleDeviceStrategy):
         min_peers_timeout: float = 60.0,
         bootstrap_timeout: float = 30.0,
         verbose: bool = False,
+        swarm_secret: Optional[str] = None,
         accelerator: Any = None,
         checkpoint_io: Any = None,
         precision_plugin: Optional[Precision] = None,
@@ -184,6 +190,12 @@ class MoshpitStrategy(SingleDeviceStrategy):
         self.min_peers_timeout = _positive_float(min_peers_timeout, "min_peers_timeout")
         self.bootstrap_timeout = _positive_float(bootstrap_timeout, "bootstrap_timeout")
         self.verbose = _flag(verbose, "verbose")
+        self._swarm_secret = security.resolve_swarm_secret(swarm_secret)  # only its HMAC key is kept
+        if self._swarm_secret is not None and "grad_averager_factory" in optimizer_kwargs:
+            raise ValueError(
+                "`grad_averager_factory` cannot be combined with `swarm_secret`: a private swarm builds its own "
+                "gradient averager, which refuses peers without the secret"
+            )
         self.optimizer_kwargs = check_optimizer_kwargs(optimizer_kwargs)
         self.parallel_devices: Optional[list[torch.device]] = None  # filled in by Lightning's accelerator connector
 
@@ -236,6 +248,7 @@ class MoshpitStrategy(SingleDeviceStrategy):
                 client_mode=self.client_mode,
                 identity_path=self.identity_path,
                 startup_timeout=self.bootstrap_timeout,
+                swarm_secret=self._swarm_secret,
             )
             self._addresses = swarm.visible_addresses(self._dht)
         return self._dht
@@ -250,6 +263,11 @@ class MoshpitStrategy(SingleDeviceStrategy):
         if self._dht is None and not self._left_swarm:
             _ = self.dht  # starts the DHT and records its addresses
         return list(self._addresses)
+
+    @property
+    def private(self) -> bool:
+        """Whether this peer runs a private swarm (``swarm_secret`` or ``MOSHPIT_SWARM_SECRET`` was given)."""
+        return self._swarm_secret is not None
 
     @property
     def swarm_optimizer(self) -> Optional[SwarmOptimizer]:
@@ -471,11 +489,14 @@ class MoshpitStrategy(SingleDeviceStrategy):
             kwargs.setdefault("offload_optimizer", True)
         if not self.local_updates and "grad_averager_factory" not in kwargs:
             # hivemind forwards averager_opts to the state averager only; the gradient averager needs them too
-            kwargs["grad_averager_factory"] = functools.partial(GradientAverager, **averager_opts)
+            averager_class = GradientAverager if self._swarm_secret is None else security.PrivateGradientAverager
+            private = {} if self._swarm_secret is None else {"swarm_secret": self._swarm_secret}
+            kwargs["grad_averager_factory"] = functools.partial(averager_class, **averager_opts, **private)
         return SwarmOptimizer(
             group_size=self.group_size,
             param_names=param_names,
             model_signature=signature,
+            swarm_secret=self._swarm_secret,
             dht=self.dht,
             run_id=self.run_id,
             target_batch_size=self.target_batch_size,

@@ -10,11 +10,15 @@ from __future__ import annotations
 import os
 import re
 import sys
+import tempfile
 from collections.abc import Sequence
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import hivemind
+from hivemind.p2p import P2P, PeerID
 from hivemind.utils.multiaddr import Multiaddr
+
+from lightning_moshpit.security import ENV_SWARM_SECRET, SecretAuthorizer, SecretRecordValidator, SwarmSecret
 
 ENV_INITIAL_PEERS = "MOSHPIT_INITIAL_PEERS"
 ENV_RUN_ID = "MOSHPIT_RUN_ID"
@@ -126,13 +130,15 @@ def start_dht(
     client_mode: bool,
     identity_path: Optional[str],
     startup_timeout: float,
+    swarm_secret: Optional[SwarmSecret] = None,
 ) -> hivemind.DHT:
     """Start a DHT peer in a background process, joining ``initial_peers`` if any.
 
     An unreachable bootstrap peer raises :class:`ConnectionError` that names the addresses tried; hivemind's own
-    error would only say that the daemon failed to start.
+    error would only say that the daemon failed to start. With ``swarm_secret`` the DHT is private (see
+    :mod:`lightning_moshpit.security`): every request, response and record must prove the secret.
     """
-    kwargs = dict(
+    kwargs: dict[str, Any] = dict(
         initial_peers=initial_peers,
         host_maddrs=host_maddrs,
         client_mode=client_mode,
@@ -141,18 +147,37 @@ def start_dht(
     )
     if announce_maddrs:
         kwargs["announce_maddrs"] = announce_maddrs
-    if identity_path is not None:
-        kwargs["identity_path"] = identity_path
-    try:
-        return hivemind.DHT(**kwargs)
-    except Exception as error:
-        if initial_peers:
-            raise ConnectionError(
-                f"Could not join the swarm through initial_peers={initial_peers} within {startup_timeout:.0f} s: "
-                f"{error}. Check that a peer is running there and that the address (including /p2p/<peer id>) was "
-                f"copied exactly."
-            ) from error
-        raise
+    peer_id: Optional[str] = None
+    with tempfile.TemporaryDirectory(prefix="moshpit_identity_") as scratch:  # p2pd reads a key file at start only
+        if swarm_secret is not None:
+            # the token names this peer's id, so the id must be known before the daemon starts: fix it with a key file
+            fresh = identity_path is None or not os.path.isfile(identity_path)
+            identity_path = os.path.join(scratch, "identity.key") if identity_path is None else identity_path
+            if fresh:
+                P2P.generate_identity(identity_path)
+            with open(identity_path, "rb") as file:
+                peer_id = PeerID.from_identity(file.read()).to_base58()
+            kwargs["authorizer"] = SecretAuthorizer(swarm_secret, peer_id)
+            kwargs["record_validators"] = [SecretRecordValidator(swarm_secret)]
+            kwargs["check_if_identity_free"] = not fresh  # a key made a moment ago cannot be in use elsewhere
+        if identity_path is not None:
+            kwargs["identity_path"] = identity_path
+        try:
+            return hivemind.DHT(**kwargs)
+        except Exception as error:
+            if initial_peers:
+                private_hint = (
+                    f" This peer (id {peer_id}) runs a private swarm: if the peers there answered but refused it, "
+                    f"its swarm_secret / {ENV_SWARM_SECRET} differs from theirs."
+                    if peer_id is not None
+                    else ""
+                )
+                raise ConnectionError(
+                    f"Could not join the swarm through initial_peers={initial_peers} within {startup_timeout:.0f} s: "
+                    f"{error}. Check that a peer is running there and that the address (including /p2p/<peer id>) "
+                    f"was copied exactly.{private_hint}"
+                ) from error
+            raise
 
 
 def visible_addresses(dht: hivemind.DHT) -> list[str]:

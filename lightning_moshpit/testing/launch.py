@@ -39,14 +39,26 @@ class LocalSwarm:
         self.address_file = self.workdir / "bootstrap.addr"
         self.bootstrap_index = 0  # the peer whose address the others join through (the latest started bootstrap)
 
-    def start_peer(self, args: Sequence[str] = (), bootstrap: Optional[bool] = None) -> int:
-        """Start one peer; the first becomes the bootstrap peer unless ``bootstrap`` says otherwise. Returns its index."""
+    def start_peer(
+        self,
+        args: Sequence[str] = (),
+        bootstrap: Optional[bool] = None,
+        env: Optional[dict[str, str]] = None,
+        module: str = PEER_MODULE,
+    ) -> int:
+        """Start one peer; the first becomes the bootstrap peer unless ``bootstrap`` says otherwise. Returns its index.
+
+        ``env`` adds environment variables for this peer only (e.g. another ``MOSHPIT_SWARM_SECRET``); ``module`` runs
+        another peer program that takes the same ``--out`` argument.
+        """
         index = len(self.processes)
         bootstrap = index == 0 if bootstrap is None else bootstrap
-        env = {**os.environ, "MOSHPIT_RUN_ID": self.run_id, "MOSHPIT_HOST_MADDRS": "/ip4/127.0.0.1/tcp/0"}
-        env.update(self.env)
-        env.pop("MOSHPIT_INITIAL_PEERS", None)
-        command = [sys.executable, "-m", PEER_MODULE, "--out", str(self.report_path(index)), *args]
+        peer_env = {**os.environ, "MOSHPIT_RUN_ID": self.run_id, "MOSHPIT_HOST_MADDRS": "/ip4/127.0.0.1/tcp/0"}
+        peer_env.update(self.env)
+        peer_env.update(env or {})
+        peer_env.pop("MOSHPIT_INITIAL_PEERS", None)
+        env = peer_env
+        command = [sys.executable, "-m", module, "--out", str(self.report_path(index)), *args]
         if bootstrap:
             self.address_file.unlink(missing_ok=True)  # a restarted bootstrap peer listens on a new address
             self.bootstrap_index = index

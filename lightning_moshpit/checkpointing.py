@@ -29,6 +29,7 @@ import torch
 from hivemind.optim.state_averager import TrainingStateAverager
 
 from lightning_moshpit.adapters import optimizer_factory
+from lightning_moshpit.security import PrivateTrainingStateAverager, resolve_swarm_secret
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,12 @@ class SwarmCheckpointer:
         optimizer = _first_optimizer(module)
         buffers = [buffer for _, buffer in module.named_buffers() if buffer.is_floating_point()]
         # The same tensors, in the same order, as the training peers' state averager (see
-        # MoshpitStrategy.build_swarm_optimizer): parameters by optimizer group, then floating-point buffers.
-        self.averager = TrainingStateAverager(
+        # MoshpitStrategy.build_swarm_optimizer): parameters by optimizer group, then floating-point buffers. In a
+        # private swarm (MOSHPIT_SWARM_SECRET, as for the bootstrap's DHT) it proves the secret like the trainers do.
+        secret = resolve_swarm_secret(None)
+        private = {} if secret is None else {"swarm_secret": secret}
+        averager_class = TrainingStateAverager if secret is None else PrivateTrainingStateAverager
+        self.averager = averager_class(
             dht=dht,
             optimizer=optimizer_factory(optimizer),
             params=[dict(group) for group in optimizer.param_groups],
@@ -80,6 +85,7 @@ class SwarmCheckpointer:
             prefix=f"{run_id}_state_averager",
             client_mode=True,
             start=True,
+            **private,
         )
         self.saved: list[Path] = []
         self._last_due: Optional[int] = None

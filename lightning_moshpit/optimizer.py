@@ -34,10 +34,12 @@ import hivemind
 import torch
 from hivemind.averaging.control import StepControl
 from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
+from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.utils import ValueWithExpiration, get_dht_time
 
 from lightning_moshpit.averaging import grid_group_bits, key_length, random_group_bits
 from lightning_moshpit.guards import ModelSignature, nonfinite_gradients
+from lightning_moshpit.reducers import ClipConfig, ClippedTrainingStateAverager
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +124,9 @@ class SwarmOptimizer(hivemind.Optimizer):
     - :attr:`rounds`: the list of :class:`AveragingRound` this peer took part in;
     - :attr:`batch_size_source`: called after the closure ran, when :meth:`step` gets no ``batch_size``; returns
       the samples processed since the previous step (Lightning runs ``training_step`` *inside* the closure).
+
+    With ``clip`` (a :class:`~lightning_moshpit.reducers.ClipConfig`), parameter (state) rounds are reduced by
+    CenteredClip; the strategy passes a matching ``grad_averager_factory`` for gradient rounds.
     """
 
     def __init__(
@@ -130,9 +135,11 @@ class SwarmOptimizer(hivemind.Optimizer):
         group_size: int,
         param_names: Optional[list[str]] = None,
         model_signature: Optional[ModelSignature] = None,
+        clip: Optional[ClipConfig] = None,
         **kwargs: Any,
     ) -> None:
         self.group_size = group_size
+        self.clip = clip
         self.param_names = param_names
         self.model_signature = model_signature
         self.dropped_batches = 0  #: batches whose non-finite gradients were kept out of the swarm
@@ -147,6 +154,27 @@ class SwarmOptimizer(hivemind.Optimizer):
         self._failures_in_a_row = 0
         self._key_length = 0  # bits in this peer's current grid key (0: the whole swarm is one group)
         super().__init__(**kwargs)
+
+    def _make_state_averager(self, **kwargs: Any) -> TrainingStateAverager:
+        if self.clip is None:
+            return super()._make_state_averager(**kwargs)
+        # hivemind 1.1.12 Optimizer._make_state_averager, with the CenteredClip averager class
+        return ClippedTrainingStateAverager(
+            clip=self.clip,
+            dht=self.dht,
+            prefix=f"{self.run_id}_state_averager",
+            min_matchmaking_time=self.matchmaking_time,
+            allreduce_timeout=self.allreduce_timeout,
+            shutdown_timeout=self.shutdown_timeout,
+            offload_optimizer=self.offload_optimizer,
+            custom_gradients=self.offload_optimizer,
+            status_loglevel=self.status_loglevel,
+            next_chunk_timeout=self.next_chunk_timeout,
+            client_mode=self.client_mode,
+            auxiliary=self.auxiliary,
+            start=True,
+            **kwargs,
+        )
 
     def _make_progress_tracker(self, target_batch_size: int, **kwargs: Any) -> ProgressTracker:
         return SwarmProgressTracker(

@@ -49,7 +49,7 @@ class ClipResult:
     iterations: int  #: CenteredClip steps taken after the median start
     dropped: tuple[int, ...]  #: indices of inputs left out because they held NaN or inf
     clipped: tuple[int, ...]  #: indices of inputs farther than τ from the result: their pull was clipped
-    distances: tuple[float, ...]  #: each input's distance to the result (inf for dropped inputs)
+    distances: tuple[float, ...]  #: each input's distance to the result (inf for inputs left out)
 
 
 def coordinate_median(vectors: torch.Tensor) -> torch.Tensor:
@@ -106,15 +106,15 @@ def centered_clip(
     estimate = coordinate_median(kept_rows)
     radius = float(tau) if tau is not None else float((kept_rows - estimate).norm(dim=1).median())
     steps = 0
-    if radius > 0:
-        for steps in range(1, iterations + 1):
-            differences = kept_rows - estimate
-            distances = differences.norm(dim=1)
-            scale = torch.clamp(radius / distances.clamp_min(torch.finfo(rows.dtype).tiny), max=1.0)
-            step = (kept_weights * scale) @ differences
-            estimate = estimate + step
-            if float(step.norm()) < tolerance * radius:
-                break
+    while radius > 0 and steps < iterations:
+        steps += 1
+        differences = kept_rows - estimate
+        distances = differences.norm(dim=1)
+        scale = torch.clamp(radius / distances.clamp_min(torch.finfo(rows.dtype).tiny), max=1.0)
+        step = (kept_weights * scale) @ differences
+        estimate = estimate + step
+        if float(step.norm()) < tolerance * radius:
+            break
 
     all_distances = torch.full((count,), math.inf, dtype=torch.float64)
     all_distances[keep] = (kept_rows - estimate).norm(dim=1).to(torch.float64)

@@ -19,6 +19,13 @@ parameter vector from one peer must not spread through state averaging either.
 
 Every reducer must use the same rule: the piece a peer reduces is reduced by *that* peer's code. Averagers with
 ``aggregation="centered_clip"`` therefore use their own DHT prefix, so they never form a group with ``"mean"`` ones.
+
+**Groups of two are refused.** With two senders no rule can tell the honest vector from the bad one (the median of two
+is their mean), and on a busy machine hivemind often splits four peers into groups of two and three: measured here,
+one attacker then wrecked the run despite CenteredClip. Clipping averagers therefore ask hivemind's matchmaking for
+at least :data:`MIN_SENDERS` members (``min_group_size``), and a runner whose group has fewer senders (a leader that
+ignored the minimum) fails the round instead of reducing: the peer then steps with its own gradients, as after any
+failed round.
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ log = logging.getLogger(__name__)
 
 #: The values ``MoshpitStrategy(aggregation=...)`` accepts.
 AGGREGATION_NAMES = ("mean", "centered_clip")
+#: Fewest senders a CenteredClip group reduces with: with two, the median is the mean and an attacker wins.
+MIN_SENDERS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +191,12 @@ class ClippedAllReduceRunner(AllReduceRunner):
     def __init__(self, *, clip: ClipConfig, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         replaced = self.tensor_part_reducer
+        if 0 < len(self.sender_peer_ids) < MIN_SENDERS:
+            replaced.finished.set()
+            raise AllreduceException(
+                f"CenteredClip needs at least {MIN_SENDERS} senders per group, got {len(self.sender_peer_ids)}: "
+                f"with two, an attacker cannot be told apart; skipping this round"
+            )
         replaced.finished.set()  # never used: keep its finalizer from reporting "received 0% of input tensors"
         self.tensor_part_reducer = CenteredClipReducer(
             replaced.part_shapes,
@@ -233,6 +248,7 @@ class ClippedGradientAverager(CenteredClipAveragerMixin, GradientAverager):
 
     def __init__(self, *args: Any, clip: ClipConfig, prefix: str, **kwargs: Any) -> None:
         self.clip = clip
+        kwargs["min_group_size"] = max(MIN_SENDERS, kwargs.get("min_group_size", MIN_SENDERS))
         super().__init__(*args, prefix=prefix + clip.prefix_suffix, **kwargs)
 
 
@@ -241,6 +257,7 @@ class ClippedTrainingStateAverager(CenteredClipAveragerMixin, TrainingStateAvera
 
     def __init__(self, *args: Any, clip: ClipConfig, prefix: str, **kwargs: Any) -> None:
         self.clip = clip
+        kwargs["min_group_size"] = max(MIN_SENDERS, kwargs.get("min_group_size", MIN_SENDERS))
         super().__init__(*args, prefix=prefix + clip.prefix_suffix, **kwargs)
 
 

@@ -12,7 +12,7 @@ It also measures CenteredClip's overhead against the mean in the same run: secon
 two attack-free runs (as the training process sees it, waiting for the group included), and the reduction's compute
 alone on one all-reduce piece (4 senders, 131,072 floats: hivemind's largest part).
 
-    python benchmarks/attacks.py                 # every attack, about 12 minutes on 2 cores
+    python benchmarks/attacks.py                 # every attack, about 20 minutes on 2 cores
     python benchmarks/attacks.py --attacks nan   # one attack (plus the two attack-free runs)
 """
 
@@ -25,6 +25,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -32,7 +33,8 @@ from lightning_moshpit.clipping import centered_clip
 from lightning_moshpit.testing.attacks import ATTACKS
 from lightning_moshpit.testing.launch import LocalSwarm
 
-TABLE_START, TABLE_END = "<!-- attack-table:start -->", "<!-- attack-table:end -->"
+TABLE_MARKERS = ("<!-- attack-table:start -->", "<!-- attack-table:end -->")
+OVERHEAD_MARKERS = ("<!-- attack-overhead:start -->", "<!-- attack-overhead:end -->")
 AGGREGATIONS = ("mean", "centered_clip")
 
 
@@ -79,7 +81,7 @@ def reduction_seconds(repeats: int = 20, senders: int = 4, size: int = 2**17) ->
     parts[-1] *= -1000
     weights = torch.full((senders,), 32.0)
 
-    def timed(function) -> float:  # type: ignore[no-untyped-def]
+    def timed(function: Callable[[], object]) -> float:
         function()
         started = time.perf_counter()
         for _ in range(repeats):
@@ -108,20 +110,49 @@ def table(results: list[dict], baseline: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def write_doc(path: Path, text: str) -> None:
+def overhead_text(overhead: dict) -> str:
+    """One sentence with CenteredClip's cost against the mean."""
+    compute = overhead["reduction"]
+    ratio = overhead["round_ratio"]
+    return (
+        f"CenteredClip overhead, measured in the same run: a gradient-averaging round took a median "
+        f"{overhead['round_seconds_centered_clip']:.3f} s with centered_clip against {overhead['round_seconds_mean']:.3f} s "
+        f"with the mean in the attack-free runs (ratio {ratio:.2f}; as the training process sees it, waiting for the "
+        f"group included). The reduction's compute alone, on one 131,072-float piece from 4 senders: "
+        f"{1e3 * compute['centered_clip_seconds']:.2f} ms against {1e3 * compute['mean_seconds']:.2f} ms "
+        f"(ratio {compute['ratio']:.1f})."
+    )
+
+
+def write_doc(path: Path, markers: tuple[str, str], text: str) -> None:
+    """Replace what lies between ``markers`` in ``path`` by ``text``."""
+    start, end = markers
     doc = path.read_text()
-    if TABLE_START not in doc or TABLE_END not in doc:
-        raise RuntimeError(f"{path} has no {TABLE_START} ... {TABLE_END} markers")
-    head, rest = doc.split(TABLE_START, 1)
-    _, tail = rest.split(TABLE_END, 1)
-    path.write_text(f"{head}{TABLE_START}\n{text}\n{TABLE_END}{tail}")
+    if start not in doc or end not in doc:
+        raise RuntimeError(f"{path} has no {start} ... {end} markers")
+    head, rest = doc.split(start, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{start}\n{text}\n{end}{tail}")
+
+
+def report(results: list[dict], overhead: dict, doc: Optional[Path]) -> None:
+    """Print the table and the overhead, and write them into ``doc``."""
+    baseline = {r["aggregation"]: r["accuracy_mean"] for r in results if r["attack"] == "none"}
+    text = table(results, baseline)
+    print()
+    print(text)
+    print()
+    print(overhead_text(overhead))
+    if doc is not None:
+        write_doc(doc, TABLE_MARKERS, text)
+        write_doc(doc, OVERHEAD_MARKERS, overhead_text(overhead))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--attacks", nargs="+", default=[a for a in ATTACKS if a != "none"], choices=ATTACKS[1:])
     parser.add_argument("--peers", type=int, default=4)
-    parser.add_argument("--local-steps", type=int, default=180, help="local steps per peer (about 45 global steps)")
+    parser.add_argument("--local-steps", type=int, default=160, help="local steps per peer (about 30 global steps)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--target-batch-size", type=int, default=512)
     parser.add_argument("--lr", type=float, default=0.5)
@@ -131,7 +162,12 @@ def main() -> None:
     parser.add_argument("--run-timeout", type=float, default=240.0)
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/attacks.json"))
     parser.add_argument("--doc", type=Path, default=Path("docs/security.md"))
+    parser.add_argument("--from-json", action="store_true", help="only rewrite --doc from --out, run nothing")
     args = parser.parse_args()
+    if args.from_json:
+        saved = json.loads(args.out.read_text())
+        report(saved["results"], saved["overhead"], args.doc)
+        return
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -142,7 +178,6 @@ def main() -> None:
                 print(f"{attack:<11} {aggregation:<14} accuracy {100 * row['accuracy_mean']:5.1f}% "
                       f"(worst {100 * row['accuracy_min']:5.1f}%), global steps {row['global_steps']}, "
                       f"rounds {row['rounds_succeeded']}/{row['rounds']}, {row['wall_seconds']:.0f} s", flush=True)  # fmt: skip
-    baseline = {r["aggregation"]: r["accuracy_mean"] for r in results if r["attack"] == "none"}
     rounds = {r["aggregation"]: r["round_seconds_median"] for r in results if r["attack"] == "none"}
     compute = reduction_seconds()
     overhead = {
@@ -151,18 +186,10 @@ def main() -> None:
         "round_ratio": rounds["centered_clip"] / rounds["mean"] if rounds["mean"] and rounds["centered_clip"] else None,
         "reduction": compute,
     }
-    text = table(results, baseline)
-    print()
-    print(text)
-    print(f"\nCenteredClip overhead, attack-free runs: median {overhead['round_seconds_centered_clip']:.3f} s per "
-          f"gradient-averaging round vs {overhead['round_seconds_mean']:.3f} s with the mean "
-          f"(ratio {overhead['round_ratio']:.2f}); reduction compute on one 131,072-float piece from 4 senders: "
-          f"{1e3 * compute['centered_clip_seconds']:.2f} ms vs {1e3 * compute['mean_seconds']:.2f} ms "
-          f"(ratio {compute['ratio']:.1f})")  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     args.out.write_text(json.dumps({"args": settings, "results": results, "overhead": overhead}, indent=2))
-    write_doc(args.doc, text)
+    report(results, overhead, args.doc)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Four real peers (``lightning_moshpit.testing.peer``) train a small MLP on scikit-learn's digits on 127.0.0.1; the last
 one is Byzantine (``--attack``, see :mod:`lightning_moshpit.testing.attacks`). For every attack the script runs the
 swarm twice, with ``aggregation="mean"`` and ``"centered_clip"``, plus two runs without an attacker (four honest peers,
-each aggregation). It reports the honest peers' held-out accuracy (mean and worst) and writes:
+each aggregation). Every peer stops when the swarm reaches ``--global-steps``; the script reports the honest peers'
+held-out accuracy then (mean and worst) and writes:
 
 - ``docs/benchmarks/attacks.json``: every figure;
 - the table between the ``attack-table`` markers in ``docs/security.md``.
@@ -41,7 +42,8 @@ AGGREGATIONS = ("mean", "centered_clip")
 def run_swarm(workdir: Path, args: argparse.Namespace, attack: str, aggregation: str) -> dict:
     """One swarm of ``args.peers`` peers, the last one running ``attack``; returns the honest peers' figures."""
     common = ["--task", "digits", "--hidden", str(args.hidden), "--lr", str(args.lr), "--batch-size",
-              str(args.batch_size), "--max-steps", str(args.local_steps), "--min-peers", str(args.peers),
+              str(args.batch_size), "--max-steps", str(args.local_steps), "--max-global-steps", str(args.global_steps),
+              "--min-peers", str(args.peers),
               "--matchmaking-time", str(args.matchmaking_time), "--averaging-timeout", str(args.averaging_timeout),
               "--aggregation", aggregation]  # fmt: skip
     env = {"MOSHPIT_TARGET_BATCH_SIZE": str(args.target_batch_size)}
@@ -152,7 +154,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--attacks", nargs="+", default=[a for a in ATTACKS if a != "none"], choices=ATTACKS[1:])
     parser.add_argument("--peers", type=int, default=4)
-    parser.add_argument("--local-steps", type=int, default=160, help="local steps per peer (about 30 global steps)")
+    parser.add_argument("--global-steps", type=int, default=25, help="every peer stops at this swarm global step")
+    parser.add_argument("--local-steps", type=int, default=1000, help="... or after this many local steps")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--target-batch-size", type=int, default=512)
     parser.add_argument("--lr", type=float, default=0.5)

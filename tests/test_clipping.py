@@ -158,3 +158,27 @@ def test_aggregation_arguments_are_validated() -> None:
         MoshpitStrategy(aggregation="centered_clip", grad_averager_factory=object())
     strategy = MoshpitStrategy(aggregation="centered_clip", clip_tau=0.5, clip_iters=4)
     assert strategy.clip == ClipConfig(tau=0.5, iterations=4)
+
+
+def test_attacks_replace_the_sent_vector_as_documented() -> None:
+    from lightning_moshpit.testing.attacks import corrupt, flip_labels
+
+    honest = [torch.randn(4, 3), torch.randn(5)]
+    norm = float(torch.sqrt(sum((t**2).sum() for t in honest)))
+    generator = torch.Generator().manual_seed(0)
+    direction = [torch.randn(4, 3), torch.randn(5)]
+    for attack in ("sign_flip", "gaussian", "nan", "constant"):
+        sent = [t.clone() for t in honest]
+        corrupt(sent, attack, 1000.0, generator, direction)
+        if attack == "sign_flip":
+            assert all(torch.allclose(s, -1000 * h) for s, h in zip(sent, honest))
+        elif attack == "nan":
+            assert all(bool(torch.isnan(s).all()) for s in sent)
+        else:
+            sent_norm = float(torch.sqrt(sum((s**2).sum() for s in sent)))
+            assert sent_norm == pytest.approx(1000 * norm, rel=1e-4)
+    constant = [t.clone() for t in honest]
+    corrupt(constant, "constant", 1.0, generator, direction)
+    cosine = torch.cat([c.flatten() for c in constant]) @ torch.cat([d.flatten() for d in direction])
+    assert float(cosine) == pytest.approx(float(torch.cat([d.flatten() for d in direction]).norm()) * norm, rel=1e-4)
+    assert torch.equal(flip_labels(torch.tensor([0, 3, 9]), 10), torch.tensor([9, 6, 0]))

@@ -168,6 +168,20 @@ class ByzantineAndTiming(L.Callback):
         swarm_optimizer._average_gradients_and_load_into_optimizer = timed
 
 
+class StopAtGlobalStep(L.Callback):
+    """Stop training once the swarm's global step reaches ``step``: every peer then ends with the same parameters,
+    whatever number of local steps its share of the CPU allowed (a fixed local-step budget made fast peers leave
+    early, and the rest finish in smaller groups)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:  # fmt: skip
+        if getattr(trainer.strategy, "global_step", 0) >= self.step:
+            trainer.should_stop = True
+
+
 def evaluate(model: nn.Module, data: TensorDataset) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) of ``model.net`` on ``data``; NaN parameters give NaN loss and low accuracy."""
     inputs, labels = data.tensors
@@ -233,6 +247,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--clip-iters", type=int, default=10)
     parser.add_argument("--attack", choices=ATTACKS, default="none", help="make this peer Byzantine")
     parser.add_argument("--attack-scale", type=float, default=1000.0, help="sign flip factor / attack norm ratio")
+    parser.add_argument("--max-global-steps", type=int, default=None, help="also stop at this swarm global step")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -252,6 +267,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     recorder = SwarmRecorder(args.progress_file)
     byzantine = ByzantineAndTiming(args.attack, args.attack_scale, args.seed)
     callbacks: list[L.Callback] = [recorder, byzantine]
+    if args.max_global_steps is not None:
+        callbacks.append(StopAtGlobalStep(args.max_global_steps))
     if args.ckpt_dir is not None:
         callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=args.ckpt_dir, save_last=True,
                                                              every_n_train_steps=1, save_top_k=0))  # fmt: skip

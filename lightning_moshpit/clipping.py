@@ -15,8 +15,8 @@ Choices made here (see docs/security.md for what they defend and what not):
 - **Start** from the coordinate-wise median, which a minority cannot move outside the honest values' range. For an
   even count it is the midpoint of the two middle values, so for two vectors it is their mean.
 - **Radius** ``tau``: a fixed number, or ``None`` for an *adaptive* radius, the median distance of the vectors to the
-  starting point. With fewer than half the vectors bad, that median is an honest vector's distance, so honest vectors
-  are barely clipped whatever the gradients' scale, while far outliers are. A fixed ``τ`` must be tuned to the
+  starting point (the lower median for an even count). With fewer than half the vectors bad, that median is an honest
+  vector's distance, so honest vectors are barely clipped whatever the gradients' scale, while far outliers are. A fixed ``τ`` must be tuned to the
   gradients' norm, which changes over training.
 - **Non-finite vectors** (any NaN or ±inf) are *dropped*: they are outliers at infinite distance, and clipping cannot
   give them a finite direction. If every vector is non-finite the result is zeros (no update) rather than NaN.

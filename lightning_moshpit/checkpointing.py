@@ -29,6 +29,7 @@ import torch
 from hivemind.optim.state_averager import TrainingStateAverager
 
 from lightning_moshpit.adapters import optimizer_factory
+from lightning_moshpit.reducers import CLIP_PREFIX_SUFFIX
 from lightning_moshpit.security import PrivateTrainingStateAverager, resolve_swarm_secret
 
 log = logging.getLogger(__name__)
@@ -69,24 +70,9 @@ class SwarmCheckpointer:
             raise ValueError(f"`--checkpoint-every` must be a positive number of global steps, got {every}")
         self.module, self.directory, self.every, self.timeout = module, Path(directory), every, timeout
         self.directory.mkdir(parents=True, exist_ok=True)
-        optimizer = _first_optimizer(module)
-        buffers = [buffer for _, buffer in module.named_buffers() if buffer.is_floating_point()]
-        # The same tensors, in the same order, as the training peers' state averager (see
-        # MoshpitStrategy.build_swarm_optimizer): parameters by optimizer group, then floating-point buffers. In a
-        # private swarm (MOSHPIT_SWARM_SECRET, as for the bootstrap's DHT) it proves the secret like the trainers do.
-        secret = resolve_swarm_secret(None)
-        private = {} if secret is None else {"swarm_secret": secret}
-        averager_class = TrainingStateAverager if secret is None else PrivateTrainingStateAverager
-        self.averager = averager_class(
-            dht=dht,
-            optimizer=optimizer_factory(optimizer),
-            params=[dict(group) for group in optimizer.param_groups],
-            extra_tensors=buffers,
-            prefix=f"{run_id}_state_averager",
-            client_mode=True,
-            start=True,
-            **private,
-        )
+        self.dht, self.run_id = dht, run_id
+        _first_optimizer(module)  # a module without a usable configure_optimizers() fails now, not at the first save
+        self.averager: Optional[TrainingStateAverager] = None  # built at the first save (see _make_averager)
         self.saved: list[Path] = []
         self._last_due: Optional[int] = None
         self._thread: Optional[threading.Thread] = None
@@ -103,8 +89,45 @@ class SwarmCheckpointer:
         self._thread = threading.Thread(target=self.save, name="moshpit-checkpoint", daemon=True)
         self._thread.start()
 
+    def _make_averager(self) -> Optional[TrainingStateAverager]:
+        """A client-mode state averager under the prefix where the trainers' state averagers are.
+
+        ``aggregation="centered_clip"`` peers use their own prefix (so they never average with ``"mean"`` ones); the
+        monitor does not know which the trainers use, so it looks up which prefix has state averagers in the DHT.
+        """
+        base = f"{self.run_id}_state_averager"
+        prefix = next(
+            (p for p in (base, base + CLIP_PREFIX_SUFFIX) if self.dht.get(f"{p}.all_averagers", latest=True)), None
+        )
+        if prefix is None:
+            return None
+        module = self.module
+        optimizer = _first_optimizer(module)
+        buffers = [buffer for _, buffer in module.named_buffers() if buffer.is_floating_point()]
+        # The same tensors, in the same order, as the training peers' state averager (see
+        # MoshpitStrategy.build_swarm_optimizer): parameters by optimizer group, then floating-point buffers. In a
+        # private swarm (MOSHPIT_SWARM_SECRET, as for the bootstrap's DHT) it proves the secret like the trainers do.
+        secret = resolve_swarm_secret(None)
+        private = {} if secret is None else {"swarm_secret": secret}
+        averager_class = TrainingStateAverager if secret is None else PrivateTrainingStateAverager
+        return averager_class(
+            dht=self.dht,
+            optimizer=optimizer_factory(optimizer),
+            params=[dict(group) for group in optimizer.param_groups],
+            extra_tensors=buffers,
+            prefix=prefix,
+            client_mode=True,
+            start=True,
+            **private,
+        )
+
     def save(self) -> Optional[Path]:
         """Download the swarm's current state and write it; returns the file, or None if no peer served it."""
+        if self.averager is None:
+            self.averager = self._make_averager()
+            if self.averager is None:
+                log.warning("[moshpit] checkpoint skipped: no training peer shares its state in the DHT yet")
+                return None
         before = self.averager.local_epoch
         try:
             self.averager.load_state_from_peers(timeout=self.timeout)
@@ -140,7 +163,8 @@ class SwarmCheckpointer:
         """Wait for a save in progress (up to ``timeout``) and stop the averager."""
         if self._thread is not None:
             self._thread.join(self.timeout)
-        self.averager.shutdown()
+        if self.averager is not None:
+            self.averager.shutdown()
 
 
 def _atomic_save(obj: Any, path: Path) -> None:

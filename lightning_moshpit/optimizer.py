@@ -40,7 +40,8 @@ from hivemind.utils import ValueWithExpiration, get_dht_time
 
 from lightning_moshpit.averaging import grid_group_bits, key_length, random_group_bits
 from lightning_moshpit.guards import ModelSignature, nonfinite_gradients
-from lightning_moshpit.security import PrivateTrainingStateAverager, SwarmSecret, implausible_progress
+from lightning_moshpit.reducers import ClipConfig, state_averager_class
+from lightning_moshpit.security import SwarmSecret, implausible_progress
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,9 @@ class SwarmOptimizer(hivemind.Optimizer):
     - :attr:`rounds`: the list of :class:`AveragingRound` this peer took part in;
     - :attr:`batch_size_source`: called after the closure ran, when :meth:`step` gets no ``batch_size``; returns
       the samples processed since the previous step (Lightning runs ``training_step`` *inside* the closure).
+
+    With ``clip`` (a :class:`~lightning_moshpit.reducers.ClipConfig`), parameter (state) rounds are reduced by
+    CenteredClip; the strategy passes a matching ``grad_averager_factory`` for gradient rounds.
     """
 
     def __init__(
@@ -164,10 +168,12 @@ class SwarmOptimizer(hivemind.Optimizer):
         param_names: Optional[list[str]] = None,
         model_signature: Optional[ModelSignature] = None,
         swarm_secret: Optional[SwarmSecret] = None,
+        clip: Optional[ClipConfig] = None,
         **kwargs: Any,
     ) -> None:
         self.swarm_secret = swarm_secret  #: a private swarm's secret: its averagers admit only peers that prove it
         self.group_size = group_size
+        self.clip = clip
         self.param_names = param_names
         self.model_signature = model_signature
         self.dropped_batches = 0  #: batches whose non-finite gradients were kept out of the swarm
@@ -195,11 +201,16 @@ class SwarmOptimizer(hivemind.Optimizer):
         )
 
     def _make_state_averager(self, **kwargs: Any) -> TrainingStateAverager:
-        if self.swarm_secret is None:
+        if self.swarm_secret is None and self.clip is None:
             return super()._make_state_averager(**kwargs)
-        # hivemind.Optimizer._make_state_averager (1.1.12) with the private class: it has no class argument
-        return PrivateTrainingStateAverager(
-            swarm_secret=self.swarm_secret,
+        # hivemind.Optimizer._make_state_averager (1.1.12) with our class (private and/or CenteredClip): it has no
+        # class argument
+        extra: dict[str, Any] = {}
+        if self.swarm_secret is not None:
+            extra["swarm_secret"] = self.swarm_secret
+        if self.clip is not None:
+            extra["clip"] = self.clip
+        return state_averager_class(self.clip, self.swarm_secret)(
             dht=self.dht,
             prefix=f"{self.run_id}_state_averager",
             min_matchmaking_time=self.matchmaking_time,
@@ -212,6 +223,7 @@ class SwarmOptimizer(hivemind.Optimizer):
             client_mode=self.client_mode,
             auxiliary=self.auxiliary,
             start=True,
+            **extra,
             **kwargs,
         )
 

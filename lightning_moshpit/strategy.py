@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import signal
@@ -13,7 +12,6 @@ from typing import Any, Callable, Optional, Union
 
 import hivemind
 import torch
-from hivemind.optim.grad_averager import GradientAverager
 from lightning.fabric.strategies.registry import _StrategyRegistry
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.plugins.precision import Precision
@@ -34,6 +32,7 @@ from lightning_moshpit.averaging import averager_options, check_group_size, make
 from lightning_moshpit.guards import ModelSignature
 from lightning_moshpit.monitor import MetricsPublisher
 from lightning_moshpit.optimizer import AveragingRound, SwarmOptimizer
+from lightning_moshpit.reducers import DEFAULT_CLIP_ITERS, check_aggregation, gradient_averager_factory
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +102,16 @@ class MoshpitStrategy(SingleDeviceStrategy):
         identity_path: File with this peer's private key, so its peer id (and join address) survives restarts.
         min_peers: Start barrier: before the first step wait until this many peers (this one included) are visible.
         min_peers_timeout: Wait at most this many seconds for ``min_peers``, then start with whoever is there.
+        aggregation: How each averaging group combines its members' vectors: ``"mean"`` (hivemind's weighted
+            average, the default) or ``"centered_clip"`` (Byzantine-tolerant CenteredClip, as in BTARD: one peer
+            sending huge, flipped or NaN gradients cannot wreck the run; see docs/security.md for what it does not
+            defend). Applies to gradient and parameter (state) rounds. Every peer of a run must use the same value:
+            clipping peers only form groups with clipping peers.
+        clip_tau: CenteredClip radius: a member farther than this from the robust average pulls it as if it were
+            at this distance. ``None`` (default) adapts it each round to the median distance of the members to their
+            coordinate-wise median, which needs no tuning; set a number only if you know your gradients' scale.
+        clip_iters: CenteredClip iterations after the coordinate-wise median start (it stops earlier once it
+            converges). Each costs one pass over the vector part a peer reduces; 10 is plenty in practice.
         bootstrap_timeout: Seconds to reach ``initial_peers`` before raising a ``ConnectionError`` naming them.
         verbose: Log hivemind's progress messages (rounds, peers, state downloads) at INFO level.
         swarm_secret: Make the swarm private: only peers started with the same secret (at least 16 characters) can
@@ -136,6 +145,9 @@ class MoshpitStrategy(SingleDeviceStrategy):
         min_peers: int = 1,
         min_peers_timeout: float = 60.0,
         bootstrap_timeout: float = 30.0,
+        aggregation: str = "mean",
+        clip_tau: Optional[float] = None,
+        clip_iters: int = DEFAULT_CLIP_ITERS,
         verbose: bool = False,
         swarm_secret: Optional[str] = None,
         accelerator: Any = None,
@@ -195,6 +207,13 @@ class MoshpitStrategy(SingleDeviceStrategy):
             raise ValueError(
                 "`grad_averager_factory` cannot be combined with `swarm_secret`: a private swarm builds its own "
                 "gradient averager, which refuses peers without the secret"
+            )
+        self.clip = check_aggregation(aggregation, clip_tau, clip_iters)
+        self.aggregation, self.clip_tau, self.clip_iters = aggregation, clip_tau, clip_iters
+        if self.clip is not None and "grad_averager_factory" in optimizer_kwargs:
+            raise ValueError(
+                "`aggregation='centered_clip'` builds its own gradient averager; it cannot be combined with a custom "
+                "`grad_averager_factory` (use lightning_moshpit.reducers.ClippedGradientAverager in your factory)"
             )
         self.optimizer_kwargs = check_optimizer_kwargs(optimizer_kwargs)
         self.parallel_devices: Optional[list[torch.device]] = None  # filled in by Lightning's accelerator connector
@@ -489,9 +508,9 @@ class MoshpitStrategy(SingleDeviceStrategy):
             kwargs.setdefault("offload_optimizer", True)
         if not self.local_updates and "grad_averager_factory" not in kwargs:
             # hivemind forwards averager_opts to the state averager only; the gradient averager needs them too
-            averager_class = GradientAverager if self._swarm_secret is None else security.PrivateGradientAverager
-            private = {} if self._swarm_secret is None else {"swarm_secret": self._swarm_secret}
-            kwargs["grad_averager_factory"] = functools.partial(averager_class, **averager_opts, **private)
+            kwargs["grad_averager_factory"] = gradient_averager_factory(
+                self.clip, swarm_secret=self._swarm_secret, **averager_opts
+            )
         return SwarmOptimizer(
             group_size=self.group_size,
             param_names=param_names,
@@ -519,6 +538,7 @@ class MoshpitStrategy(SingleDeviceStrategy):
             tracker_opts=tracker_opts,
             verbose=self.verbose,
             auxiliary=auxiliary,
+            clip=self.clip,
             **kwargs,
         )
 

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_moshpit
 from lightning_moshpit import MoshpitStrategy
+from lightning_moshpit.testing.attacks import ATTACKS, GRADIENT_ATTACKS, flip_labels, install_gradient_attack
 
 
 def make_task(num_samples: int, num_features: int = 16, num_classes: int = 4, seed: int = 0) -> TensorDataset:
@@ -34,17 +35,42 @@ def make_task(num_samples: int, num_features: int = 16, num_classes: int = 4, se
     return TensorDataset(inputs, labels)
 
 
+def make_test_task(num_samples: int = 1024, num_features: int = 16, num_classes: int = 4, seed: int = 0) -> TensorDataset:
+    """Held-out samples of :func:`make_task`'s task: the same teacher, fresh inputs."""
+    generator = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(num_features, num_classes, generator=generator)
+    inputs = torch.randn(num_samples, num_features, generator=torch.Generator().manual_seed(seed + 10_000))
+    return TensorDataset(inputs, (inputs @ teacher).argmax(dim=1))
+
+
+def make_digits(heldout: int = 360, seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
+    """scikit-learn's 1,797 8x8 digits (bundled, no download) as fixed (train, held-out) splits, pixels in [0, 1]."""
+    from sklearn.datasets import load_digits  # optional dependency: only this task needs it
+
+    digits = load_digits()
+    inputs = torch.tensor(digits.data / 16.0, dtype=torch.float32)
+    labels = torch.tensor(digits.target, dtype=torch.long)
+    order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(seed))
+    test, train = order[:heldout], order[heldout:]
+    return TensorDataset(inputs[train], labels[train]), TensorDataset(inputs[test], labels[test])
+
+
+#: (input features, classes) of each task
+TASKS = {"teacher": (16, 4), "digits": (64, 10)}
+
+
 class TinyClassifier(L.LightningModule):
     """An MLP (optionally with BatchNorm) with an optional sleep per step that stands in for heavy compute."""
 
     def __init__(self, hidden: int = 32, batch_norm: bool = False, lr: float = 0.1, compute_seconds: float = 0.0,
-                 scheduler: bool = False, nan_batches: frozenset[int] = frozenset()) -> None:  # fmt: skip
+                 scheduler: bool = False, nan_batches: frozenset[int] = frozenset(), in_features: int = 16,
+                 num_classes: int = 4) -> None:  # fmt: skip
         super().__init__()
         self.nan_batches = nan_batches  # local batch indices whose loss (hence every gradient) is made NaN
-        layers: list[nn.Module] = [nn.Linear(16, hidden)]
+        layers: list[nn.Module] = [nn.Linear(in_features, hidden)]
         if batch_norm:
             layers.append(nn.BatchNorm1d(hidden))
-        layers += [nn.ReLU(), nn.Linear(hidden, 4)]
+        layers += [nn.ReLU(), nn.Linear(hidden, num_classes)]
         self.net = nn.Sequential(*layers)
         self.lr, self.compute_seconds, self.use_scheduler = lr, compute_seconds, scheduler
 
@@ -116,6 +142,54 @@ class SwarmRecorder(L.Callback):
             self.dropped_batches, self.resyncs = swarm_optimizer.dropped_batches, swarm_optimizer.resyncs
 
 
+class ByzantineAndTiming(L.Callback):
+    """Once the swarm optimizer exists: make this peer send an attack's gradients (if any), and time every
+    gradient-averaging round (seconds spent in the optimizer's average-and-load step, waiting for the group included).
+    """
+
+    def __init__(self, attack: str, scale: float, seed: int) -> None:
+        self.attack, self.scale, self.seed = attack, scale, seed
+        self.round_seconds: list[float] = []
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        swarm_optimizer = getattr(trainer.strategy, "swarm_optimizer", None)
+        if swarm_optimizer is None or swarm_optimizer.grad_averager is None:
+            return
+        if self.attack in GRADIENT_ATTACKS:
+            install_gradient_attack(swarm_optimizer.grad_averager, self.attack, self.scale, seed=self.seed)
+        average = swarm_optimizer._average_gradients_and_load_into_optimizer
+
+        def timed(control: Any) -> None:
+            started = time.perf_counter()
+            average(control)
+            if control is not None:
+                self.round_seconds.append(time.perf_counter() - started)
+
+        swarm_optimizer._average_gradients_and_load_into_optimizer = timed
+
+
+class StopAtGlobalStep(L.Callback):
+    """Stop training once the swarm's global step reaches ``step``: every peer then ends with the same parameters,
+    whatever number of local steps its share of the CPU allowed (a fixed local-step budget made fast peers leave
+    early, and the rest finish in smaller groups)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:  # fmt: skip
+        if getattr(trainer.strategy, "global_step", 0) >= self.step:
+            trainer.should_stop = True
+
+
+def evaluate(model: nn.Module, data: TensorDataset) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of ``model.net`` on ``data``; NaN parameters give NaN loss and low accuracy."""
+    inputs, labels = data.tensors
+    with torch.no_grad():
+        logits = model.net(inputs)
+        return float((logits.argmax(dim=1) == labels).float().mean()), float(nn.functional.cross_entropy(logits, labels))
+
+
 def _flat(module: nn.Module) -> list[float]:
     """Parameters only: BatchNorm running statistics move on every forward pass, so peers differ within a step."""
     return torch.cat([p.detach().float().flatten() for p in module.parameters()]).cpu().tolist()
@@ -167,6 +241,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--hidden", type=int, default=32, help="hidden width (another value: another architecture)")
     parser.add_argument("--nan-batches", default="", help="comma-separated local steps whose gradients become NaN")
     parser.add_argument("--metadata-expiration", type=float, default=None, help="override tracker_opts")
+    parser.add_argument("--task", choices=sorted(TASKS), default="teacher", help="training data (both offline)")
+    parser.add_argument("--aggregation", choices=["mean", "centered_clip"], default="mean")
+    parser.add_argument("--clip-tau", type=float, default=None, help="CenteredClip radius (default: adaptive)")
+    parser.add_argument("--clip-iters", type=int, default=10)
+    parser.add_argument("--attack", choices=ATTACKS, default="none", help="make this peer Byzantine")
+    parser.add_argument("--attack-scale", type=float, default=1000.0, help="sign flip factor / attack norm ratio")
+    parser.add_argument("--max-global-steps", type=int, default=None, help="also stop at this swarm global step")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -174,12 +255,20 @@ def main(argv: Optional[list[str]] = None) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     L.seed_everything(args.seed, verbose=False)
     nan_batches = frozenset(int(step) for step in args.nan_batches.split(",") if step)
+    in_features, num_classes = TASKS[args.task]
     model = TinyClassifier(hidden=args.hidden, lr=args.lr, batch_norm=args.batch_norm, compute_seconds=args.compute_seconds,
-                           scheduler=args.scheduler, nan_batches=nan_batches)  # fmt: skip
-    data = DataLoader(make_task(args.samples), batch_size=args.batch_size, shuffle=True,
+                           scheduler=args.scheduler, nan_batches=nan_batches, in_features=in_features,
+                           num_classes=num_classes)  # fmt: skip
+    train_set, test_set = make_digits() if args.task == "digits" else (make_task(args.samples), make_test_task())
+    if args.attack == "label_flip":
+        train_set = TensorDataset(train_set.tensors[0], flip_labels(train_set.tensors[1], num_classes))
+    data = DataLoader(train_set, batch_size=args.batch_size, shuffle=True,
                       generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
     recorder = SwarmRecorder(args.progress_file)
-    callbacks: list[L.Callback] = [recorder]
+    byzantine = ByzantineAndTiming(args.attack, args.attack_scale, args.seed)
+    callbacks: list[L.Callback] = [recorder, byzantine]
+    if args.max_global_steps is not None:
+        callbacks.append(StopAtGlobalStep(args.max_global_steps))
     if args.ckpt_dir is not None:
         callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=args.ckpt_dir, save_last=True,
                                                              every_n_train_steps=1, save_top_k=0))  # fmt: skip
@@ -195,6 +284,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             group_size=args.group_size,
             delay_parameter_updates=args.dpu,
             verbose=args.verbose,
+            aggregation=args.aggregation,
+            clip_tau=args.clip_tau,
+            clip_iters=args.clip_iters,
             host_maddrs=os.environ.get("MOSHPIT_HOST_MADDRS", "/ip4/127.0.0.1/tcp/0"),
             **extra,
         )
@@ -210,7 +302,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     )  # fmt: skip
     started = time.time()
     trainer.fit(model, data, ckpt_path=args.resume)
+    test_accuracy, test_loss = evaluate(model, test_set)
     report = {
+        "test_accuracy": test_accuracy,
+        "test_loss": test_loss,
+        "attack": args.attack,
+        "aggregation": args.aggregation,
+        "round_seconds": byzantine.round_seconds,
         "wall_seconds": time.time() - started,
         "local_steps": trainer.global_step,
         "global_step": trainer.strategy.global_step if not args.solo else None,

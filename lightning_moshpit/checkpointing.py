@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 from pathlib import Path
 from typing import Any, Optional
@@ -29,7 +30,7 @@ import torch
 from hivemind.optim.state_averager import TrainingStateAverager
 
 from lightning_moshpit.adapters import optimizer_factory
-from lightning_moshpit.reducers import CLIP_PREFIX_SUFFIX
+from lightning_moshpit.reducers import AGGREGATION_NAMES, CLIP_PREFIX_SUFFIX
 from lightning_moshpit.security import PrivateTrainingStateAverager, resolve_swarm_secret
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class SwarmCheckpointer:
         directory: where ``step_<global step>.ckpt`` files and ``last.ckpt`` go; created if missing.
         every: save when the swarm's global step is a positive multiple of this.
         timeout: seconds one download may take before that checkpoint is skipped (with a warning).
+        aggregation: the trainers' ``aggregation`` (``"centered_clip"`` swarms keep their state under another prefix).
 
     Saving runs in a background thread, so a slow download never delays the monitor's logging; a checkpoint that is
     due while another is still downloading is skipped, and the next multiple of ``every`` is tried.
@@ -65,14 +67,18 @@ class SwarmCheckpointer:
         directory: Path,
         every: int,
         timeout: float = 60.0,
+        aggregation: str = "mean",
     ) -> None:
         if every < 1:
             raise ValueError(f"`--checkpoint-every` must be a positive number of global steps, got {every}")
         self.module, self.directory, self.every, self.timeout = module, Path(directory), every, timeout
         self.directory.mkdir(parents=True, exist_ok=True)
         self.dht, self.run_id = dht, run_id
-        _first_optimizer(module)  # a module without a usable configure_optimizers() fails now, not at the first save
-        self.averager: Optional[TrainingStateAverager] = None  # built at the first save (see _make_averager)
+        if aggregation not in AGGREGATION_NAMES:
+            raise ValueError(f"`--aggregation` must be one of {AGGREGATION_NAMES}, got {aggregation!r}")
+        self.prefix = f"{run_id}_state_averager" + (CLIP_PREFIX_SUFFIX if aggregation == "centered_clip" else "")
+        # Built now, in the main thread: hivemind installs a signal handler when an averager starts
+        self.averager = self._make_averager()
         self.saved: list[Path] = []
         self._last_due: Optional[int] = None
         self._thread: Optional[threading.Thread] = None
@@ -89,18 +95,8 @@ class SwarmCheckpointer:
         self._thread = threading.Thread(target=self.save, name="moshpit-checkpoint", daemon=True)
         self._thread.start()
 
-    def _make_averager(self) -> Optional[TrainingStateAverager]:
-        """A client-mode state averager under the prefix where the trainers' state averagers are.
-
-        ``aggregation="centered_clip"`` peers use their own prefix (so they never average with ``"mean"`` ones); the
-        monitor does not know which the trainers use, so it looks up which prefix has state averagers in the DHT.
-        """
-        base = f"{self.run_id}_state_averager"
-        prefix = next(
-            (p for p in (base, base + CLIP_PREFIX_SUFFIX) if self.dht.get(f"{p}.all_averagers", latest=True)), None
-        )
-        if prefix is None:
-            return None
+    def _make_averager(self) -> TrainingStateAverager:
+        """A client-mode state averager with the trainers' tensors, under their state averagers' DHT prefix."""
         module = self.module
         optimizer = _first_optimizer(module)
         buffers = [buffer for _, buffer in module.named_buffers() if buffer.is_floating_point()]
@@ -110,24 +106,24 @@ class SwarmCheckpointer:
         secret = resolve_swarm_secret(None)
         private = {} if secret is None else {"swarm_secret": secret}
         averager_class = TrainingStateAverager if secret is None else PrivateTrainingStateAverager
-        return averager_class(
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        sigint_before = signal.getsignal(signal.SIGINT) if in_main_thread else None
+        averager = averager_class(
             dht=self.dht,
             optimizer=optimizer_factory(optimizer),
             params=[dict(group) for group in optimizer.param_groups],
             extra_tensors=buffers,
-            prefix=prefix,
+            prefix=self.prefix,
             client_mode=True,
             start=True,
             **private,
         )
+        if sigint_before is not None:  # hivemind's averager sets SIGINT to SIG_IGN; Ctrl-C must still stop the peer
+            signal.signal(signal.SIGINT, sigint_before)
+        return averager
 
     def save(self) -> Optional[Path]:
         """Download the swarm's current state and write it; returns the file, or None if no peer served it."""
-        if self.averager is None:
-            self.averager = self._make_averager()
-            if self.averager is None:
-                log.warning("[moshpit] checkpoint skipped: no training peer shares its state in the DHT yet")
-                return None
         before = self.averager.local_epoch
         try:
             self.averager.load_state_from_peers(timeout=self.timeout)
@@ -163,8 +159,7 @@ class SwarmCheckpointer:
         """Wait for a save in progress (up to ``timeout``) and stop the averager."""
         if self._thread is not None:
             self._thread.join(self.timeout)
-        if self.averager is not None:
-            self.averager.shutdown()
+        self.averager.shutdown()
 
 
 def _atomic_save(obj: Any, path: Path) -> None:

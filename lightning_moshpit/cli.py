@@ -175,7 +175,9 @@ def _start_monitor(
         from lightning_moshpit.checkpointing import SwarmCheckpointer
 
         directory = Path(args.checkpoint_dir) / run_id
-        checkpointer = SwarmCheckpointer(dht, run_id, module, directory, every=args.checkpoint_every)
+        checkpointer = SwarmCheckpointer(
+            dht, run_id, module, directory, every=args.checkpoint_every, aggregation=args.aggregation
+        )
         monitor.listeners.append(checkpointer)
         monitor.on_stop.append(checkpointer.shutdown)
         _print(f"[moshpit] checkpoints: every {args.checkpoint_every} global steps to {directory}")
@@ -308,6 +310,7 @@ def cmd_aux(args: argparse.Namespace) -> int:
         averaging_timeout=args.averaging_timeout,
         group_size=args.group_size,
         compression=args.compression,
+        aggregation=args.aggregation,
     )
     if not strategy.initial_peers:
         raise ValueError(
@@ -398,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--checkpoint-dir", default="moshpit_checkpoints",
                       help="where checkpoints go (a <run_id> folder is made inside)")  # fmt: skip
     add_model_options(boot, required=False)
+    boot.add_argument("--aggregation", default="mean", help="the trainers' aggregation, for --checkpoint-every")
     add_monitor_options(boot)
     boot.set_defaults(func=cmd_bootstrap)
 
@@ -418,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     aux.add_argument("--averaging-timeout", type=float, default=30.0, help="must equal the training peers' setting")
     aux.add_argument("--group-size", type=int, default=16, help="must equal the training peers' setting")
     aux.add_argument("--compression", default="none", help="must equal the training peers' setting")
+    aux.add_argument("--aggregation", default="mean", help="must equal the training peers' setting")
     aux.add_argument("--host-maddrs", default=None, help="where to listen (default: $MOSHPIT_HOST_MADDRS or any port)")
     aux.add_argument("--announce-maddrs", default=None, help="public addresses to advertise")
     aux.add_argument("--identity-path", default=None, help="private key file (a stable peer id)")

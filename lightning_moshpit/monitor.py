@@ -358,7 +358,9 @@ class LoggerListener:
         self._last_step: Optional[int] = None
 
     def __call__(self, snapshot: SwarmSnapshot) -> None:
-        if not snapshot.peers or snapshot.global_step == self._last_step:
+        # Only forward: when the peer at the highest step leaves, the swarm's step as seen from the records can fall
+        # back by one until the others catch up, and a logger's steps must not go back
+        if not snapshot.peers or (self._last_step is not None and snapshot.global_step <= self._last_step):
             return
         self._last_step = snapshot.global_step
         row: dict[str, float] = {

@@ -222,3 +222,27 @@ def test_read_swarm_of_an_empty_run_has_no_peers(run_id: str) -> None:
         dht.shutdown()
     assert snapshot.peers == [] and snapshot.global_step == 0 and snapshot.eta_seconds is None
     assert "(no training peer has reported progress yet)" in cli.format_status(snapshot)
+
+
+def test_monitor_logger_rows_only_move_forward_when_the_leading_peer_leaves() -> None:
+    from lightning_moshpit.monitor import LoggerListener, PeerState, SwarmSnapshot
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.steps: list[int] = []
+
+        def log_metrics(self, metrics: dict, step: int) -> None:
+            self.steps.append(step)
+
+        def save(self) -> None:
+            pass
+
+    def snapshot(*steps: int) -> SwarmSnapshot:
+        peers = [PeerState(f"peer{i}", step, 0, 1.0, False, "trainer", 0.5, 0.0) for i, step in enumerate(steps)]
+        return SwarmSnapshot(run_id="r", time=0.0, peers=peers, target_batch_size=64)
+
+    recorder = Recorder()
+    listener = LoggerListener(recorder)
+    for steps in [(0, 0), (1, 0), (1, 1), (2, 2), (3, 2), (2,), (3,), (4,)]:  # the peer at step 3 left, then came back
+        listener(snapshot(*steps))
+    assert recorder.steps == [0, 1, 2, 3, 4]

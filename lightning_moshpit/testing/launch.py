@@ -44,12 +44,13 @@ class LocalSwarm:
         args: Sequence[str] = (),
         bootstrap: Optional[bool] = None,
         env: Optional[dict[str, str]] = None,
-        module: str = PEER_MODULE,
+        module: Optional[str] = None,
     ) -> int:
         """Start one peer; the first becomes the bootstrap peer unless ``bootstrap`` says otherwise. Returns its index.
 
         ``env`` adds environment variables for this peer only (e.g. another ``MOSHPIT_SWARM_SECRET``); ``module`` runs
-        another peer program that takes the same ``--out`` argument.
+        another peer program that takes the same ``--out`` argument (default: :data:`PEER_MODULE`, read at call time
+        so a test can point every peer elsewhere).
         """
         index = len(self.processes)
         bootstrap = index == 0 if bootstrap is None else bootstrap
@@ -58,7 +59,7 @@ class LocalSwarm:
         peer_env.update(env or {})
         peer_env.pop("MOSHPIT_INITIAL_PEERS", None)
         env = peer_env
-        command = [sys.executable, "-m", module, "--out", str(self.report_path(index)), *args]
+        command = [sys.executable, "-m", module or PEER_MODULE, "--out", str(self.report_path(index)), *args]
         if bootstrap:
             self.address_file.unlink(missing_ok=True)  # a restarted bootstrap peer listens on a new address
             self.bootstrap_index = index

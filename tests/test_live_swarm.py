@@ -128,8 +128,10 @@ def _check_checkpoints(tmp_path: Path, run_id: str, reports: list[dict]) -> None
         params = torch.cat([value.flatten() for value in checkpoint["state_dict"].values()])
         trained = [report["snapshots"][str(step)] for report in reports if str(step) in report["snapshots"]]
         assert trained, f"no trainer recorded global step {step}"
-        gap = max((torch.tensor(snapshot) - params).abs().max().item() for snapshot in trained)
-        assert gap < 1e-5, f"checkpoint of step {step} differs from the trainers' parameters by {gap}"
+        # It is one trainer's state (the one that served the download): a round that missed the other trainer leaves
+        # the two apart until the next state averaging, so compare with the closest
+        gap = min((torch.tensor(snapshot) - params).abs().max().item() for snapshot in trained)
+        assert gap < 1e-5, f"checkpoint of step {step} differs from every trainer's parameters by at least {gap}"
     # Every trainer has left: a new peer picks the run up from the last checkpoint, at its global step and parameters.
     last = torch.load(directory / "last.ckpt", weights_only=False)
     env = {**os.environ, "MOSHPIT_RUN_ID": f"{run_id}_resumed", "MOSHPIT_TARGET_BATCH_SIZE": "64",

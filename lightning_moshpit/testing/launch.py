@@ -3,24 +3,96 @@
 Each peer runs in its own process group, so stopping it also stops the p2pd daemon and averager processes that
 hivemind starts under it. :class:`LocalSwarm` is a context manager: leaving the ``with`` block kills whatever is still
 running, even when a test fails or times out.
+
+Starting a peer the plain way (``python -m ...``) costs about 5 s of CPU just to import torch, Lightning and hivemind;
+four peers starting together on a 2-core machine spend 10-20 s before their first step, and the scenario suite starts
+dozens of them. So by default peers are forked from a :mod:`multiprocessing` *forkserver* that imported those modules
+once (:func:`multiprocessing.set_forkserver_preload`). Each peer is still its own process with its own session, DHT,
+p2pd and sockets; only the import work is shared. ``LocalSwarm(..., fast_start=False)`` (or the environment variable
+``MOSHPIT_TEST_FAST_START=0``) starts real ``python -m`` subprocesses instead.
 """
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import os
+import runpy
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Optional
+from typing import IO, Optional, Union
 
 PEER_MODULE = "lightning_moshpit.testing.peer"
 
 #: hivemind 1.1.12 logs this when an all-reduce ends with parts missing yet reports success; tests that see it in a
 #: failed run repeat that run once (see docs/benchmarks.md, "Known limits").
 PARTIAL_ALLREDUCE_WARNING = "Averaging: received"
+
+#: Modules the forkserver imports once so forked peers start without paying for them.
+_PRELOAD = ["torch", "lightning", "hivemind", "lightning_moshpit", "lightning_moshpit.testing.attacks", "sklearn.datasets"]
+_DEFAULT_START_METHOD = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+_FORKSERVER: Optional[multiprocessing.context.ForkServerContext] = None
+
+
+def _forkserver() -> multiprocessing.context.ForkServerContext:
+    """The process-wide forkserver context (started on first use; it exits with the process that started it)."""
+    global _FORKSERVER
+    if _FORKSERVER is None:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(_PRELOAD)
+        _FORKSERVER = context
+    return _FORKSERVER
+
+
+def _run_module_as_peer(module: str, argv: list[str], env: dict[str, str], log_path: str) -> None:
+    """Body of a forked peer: behave like ``python -m module *argv`` in a new session, output going to ``log_path``."""
+    os.setsid()  # its own session and process group, like ``Popen(start_new_session=True)``
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C raises KeyboardInterrupt, as in a fresh python
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # a forkserver child inherits "forkserver" as its default start method; hivemind's DHT and averagers expect the
+    # platform default of a fresh interpreter, so restore it
+    multiprocessing.set_start_method(_DEFAULT_START_METHOD, force=True)
+    os.environ.clear()
+    os.environ.update(env)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    sys.argv = [module, *argv]
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    finally:
+        atexit._run_exitfuncs()  # multiprocessing ends a child with os._exit, which skips atexit (hivemind uses it)
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+class ForkedPeer:
+    """The part of :class:`subprocess.Popen`'s interface the tests use, for a peer forked by the forkserver."""
+
+    def __init__(self, process: multiprocessing.process.BaseProcess) -> None:
+        self._process = process
+        self.pid: int = process.pid  # type: ignore[assignment]
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return self._process.exitcode
+
+    def poll(self) -> Optional[int]:
+        return self._process.exitcode
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        self._process.join(timeout)
+        if self._process.exitcode is None:
+            raise subprocess.TimeoutExpired(f"peer {self.pid}", timeout or 0.0)
+        return self._process.exitcode
+
+
+PeerProcess = Union[subprocess.Popen, ForkedPeer]
 
 
 class LocalSwarm:
@@ -30,11 +102,16 @@ class LocalSwarm:
     ``MOSHPIT_INITIAL_PEERS``. Logs go to ``<workdir>/peerN.log`` and reports to ``<workdir>/peerN.json``.
     """
 
-    def __init__(self, workdir: Path, run_id: str, env: Optional[dict[str, str]] = None) -> None:
+    def __init__(
+        self, workdir: Path, run_id: str, env: Optional[dict[str, str]] = None, fast_start: Optional[bool] = None
+    ) -> None:
         self.workdir, self.run_id = Path(workdir), run_id
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.env = dict(env or {})
-        self.processes: list[subprocess.Popen] = []
+        if fast_start is None:
+            fast_start = os.environ.get("MOSHPIT_TEST_FAST_START", "1") != "0"
+        self.fast_start = fast_start
+        self.processes: list[PeerProcess] = []
         self._logs: list[IO[bytes]] = []
         self.address_file = self.workdir / "bootstrap.addr"
         self.bootstrap_index = 0  # the peer whose address the others join through (the latest started bootstrap)
@@ -59,17 +136,30 @@ class LocalSwarm:
         peer_env.update(env or {})
         peer_env.pop("MOSHPIT_INITIAL_PEERS", None)
         env = peer_env
-        command = [sys.executable, "-m", module or PEER_MODULE, "--out", str(self.report_path(index)), *args]
+        module = module or PEER_MODULE
+        argv = ["--out", str(self.report_path(index)), *args]
         if bootstrap:
             self.address_file.unlink(missing_ok=True)  # a restarted bootstrap peer listens on a new address
             self.bootstrap_index = index
-            command += ["--address-file", str(self.address_file)]
+            argv += ["--address-file", str(self.address_file)]
         else:
             env["MOSHPIT_INITIAL_PEERS"] = self.wait_for_bootstrap()
-        log = open(self.workdir / f"peer{index}.log", "wb")
+        log_path = self.workdir / f"peer{index}.log"
+        if self.fast_start:
+            log_path.write_bytes(b"")
+            process = _forkserver().Process(
+                target=_run_module_as_peer, args=(module, argv, env, str(log_path)), name=f"peer{index}"
+            )
+            process.start()
+            self.processes.append(ForkedPeer(process))
+            return index
+        log = open(log_path, "wb")
         self._logs.append(log)
         self.processes.append(
-            subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            subprocess.Popen(
+                [sys.executable, "-m", module, *argv], env=env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         )
         return index
 
@@ -139,10 +229,14 @@ class LocalSwarm:
 
     def signal_peer(self, index: int, signum: int) -> None:
         """Send ``signum`` to a peer's whole process group (the peer, its averagers and its p2pd)."""
+        pid = self.processes[index].pid
         try:
-            os.killpg(self.processes[index].pid, signum)
-        except ProcessLookupError:
-            pass
+            os.killpg(pid, signum)
+        except ProcessLookupError:  # a forked peer killed before it called setsid() has no group of its own yet
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
 
     def stop(self) -> None:
         """Kill every peer's process group that is still alive, then reap them."""

@@ -182,6 +182,19 @@ class StopAtGlobalStep(L.Callback):
             trainer.should_stop = True
 
 
+class StopWhenFileExists(L.Callback):
+    """Stop training (cleanly: report written, swarm left) once ``path`` exists. A scenario creates the file when the
+    peers it watches are done, instead of guessing a local-step budget that outlasts them."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:  # fmt: skip
+        if self.path.exists():
+            trainer.should_stop = True
+
+
 def evaluate(model: nn.Module, data: TensorDataset) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) of ``model.net`` on ``data``; NaN parameters give NaN loss and low accuracy."""
     inputs, labels = data.tensors
@@ -248,6 +261,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--attack", choices=ATTACKS, default="none", help="make this peer Byzantine")
     parser.add_argument("--attack-scale", type=float, default=1000.0, help="sign flip factor / attack norm ratio")
     parser.add_argument("--max-global-steps", type=int, default=None, help="also stop at this swarm global step")
+    parser.add_argument("--stop-file", type=Path, default=None, help="also stop (cleanly) once this file exists")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -269,6 +283,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     callbacks: list[L.Callback] = [recorder, byzantine]
     if args.max_global_steps is not None:
         callbacks.append(StopAtGlobalStep(args.max_global_steps))
+    if args.stop_file is not None:
+        callbacks.append(StopWhenFileExists(args.stop_file))
     if args.ckpt_dir is not None:
         callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=args.ckpt_dir, save_last=True,
                                                              every_n_train_steps=1, save_top_k=0))  # fmt: skip

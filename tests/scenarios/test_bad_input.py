@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from lightning_moshpit import MoshpitStrategy
 from lightning_moshpit.averaging import COMPRESSION_NAMES
 from lightning_moshpit.testing import scenarios
+from lightning_moshpit.testing.launch import PARTIAL_ALLREDUCE_WARNING, LocalSwarm
 
 MADDR = "/ip4/127.0.0.1/tcp/31337/p2p/12D3KooWNXqjycccN7Rn7pPefAuo5SViR6ihzVDmyAQjDoQkyukx"
 RUN_ID = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -126,9 +127,26 @@ def test_garbage_initial_peers_environment_is_refused_with_the_variable_name() -
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 def test_a_run_with_another_run_id_on_the_same_dht_never_mixes_into_our_groups(make_swarm) -> None:
-    ours, theirs = make_swarm("ours"), make_swarm("theirs", run="another_run")
+    # Isolation is asserted on every attempt. Only the agreement of a run's own two peers may fail on hivemind's
+    # partial all-reduce (docs/benchmarks.md, "Known limits"); that earns one repeat, printed.
+    for attempt in range(2):
+        try:
+            ours, theirs = make_swarm(f"ours{attempt}"), make_swarm(f"theirs{attempt}", run=f"another_{attempt}")
+            run_two_runs_on_one_dht(ours, theirs)
+            return
+        except PartialAllReduce as partial:
+            if attempt == 1:
+                raise
+            print(f"attempt 0: {partial}; repeating the run once")
+
+
+class PartialAllReduce(AssertionError):
+    """A run's peers disagree and hivemind logged a partial all-reduce in that run."""
+
+
+def run_two_runs_on_one_dht(ours: LocalSwarm, theirs: LocalSwarm) -> None:
     args = [*scenarios.PEER_ARGS, "--min-peers", "2", "--max-steps", "70"]
     ours.start_peer([*args, "--seed", "0"])
     theirs.address_file.write_text(ours.wait_for_bootstrap())  # their peers join through our bootstrap peer
@@ -143,24 +161,33 @@ def test_a_run_with_another_run_id_on_the_same_dht_never_mixes_into_our_groups(m
         for report in pair:
             assert max(report["num_peers"]) == 2, f"{name}: saw peers of the other run"
             assert all(r["group_size"] <= 2 for r in report["rounds"]), f"{name}: a group mixed the two runs"
-        step, difference = scenarios.max_param_difference(pair)
-        assert difference < 1e-4, f"{name} peers disagree at step {step}"
     final_gap = max(abs(a - b) for a, b in zip(reports["ours"][0]["final_params"], reports["theirs"][0]["final_params"]))
     print(f"parameter gap between the two runs at the end: {final_gap:.3f}")
     assert final_gap > 1e-2
+    for (name, pair), swarm in zip(reports.items(), (ours, theirs)):
+        step, difference = scenarios.max_param_difference(pair)
+        if difference >= 1e-4:
+            message = f"{name} peers disagree at global step {step}: max |difference| {difference:.2e}"
+            if PARTIAL_ALLREDUCE_WARNING in swarm.log(0) + swarm.log(1):
+                raise PartialAllReduce(message + " after a partial all-reduce")
+            raise AssertionError(message)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_a_joiner_with_another_architecture_gets_a_clear_error_not_a_hang(make_swarm, tmp_path) -> None:
     swarm = make_swarm()
-    progress = tmp_path / "progress"
-    swarm.start_peer([*scenarios.PEER_ARGS, "--max-steps", "600", "--progress-file", str(progress)])
+    progress, stop = tmp_path / "progress", tmp_path / "stop"
+    swarm.start_peer([*scenarios.PEER_ARGS, "--max-steps", "2000", "--progress-file", str(progress),
+                      "--stop-file", str(stop)])  # fmt: skip
     swarm.wait_for_global_step(progress, 1, timeout=90)
     swarm.start_peer([*scenarios.PEER_ARGS, "--max-steps", "30", "--hidden", "48", "--seed", "1"])
-    codes = swarm.wait(150)
+    joiner_code = swarm.processes[1].wait(timeout=120)
+    assert swarm.processes[0].poll() is None, f"the swarm's peer must train on: {swarm.log(0)[-3000:]}"
+    stop.touch()
+    codes = swarm.wait(60)
     log = swarm.log(1)
-    assert codes[0] == 0, swarm.log(0)[-3000:]
-    assert codes[1] not in (0, None), log[-3000:]
+    assert codes == [0, joiner_code], swarm.log(0)[-3000:]
+    assert joiner_code != 0, log[-3000:]
     assert "does not match" in log and "net.0.weight" in log, log[-3000:]
     print("joiner's error:", next(line for line in log.splitlines() if "does not match" in line)[:400])

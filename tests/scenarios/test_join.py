@@ -25,13 +25,16 @@ def test_joiner_takes_step_parameters_and_optimizer_state_before_its_first_local
 
 def run_join_scenario(swarm: LocalSwarm, workdir: Path) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
-    progress = workdir / "progress"
-    common = [*scenarios.PEER_ARGS, "--batch-norm", "--max-steps", "300"]
-    swarm.start_peer([*common, "--min-peers", "2", "--seed", "0", "--progress-file", str(progress)])
-    swarm.start_peer([*common, "--min-peers", "2", "--seed", "1"])
+    progress, stop = workdir / "progress", workdir / "stop"
+    # the first two train until the joiner is done (``--stop-file``); 1000 local steps is only a safety cap
+    common = [*scenarios.PEER_ARGS, "--batch-norm", "--max-steps", "1000", "--min-peers", "2", "--stop-file", str(stop)]
+    swarm.start_peer([*common, "--seed", "0", "--progress-file", str(progress)])
+    swarm.start_peer([*common, "--seed", "1"])
     swarm.wait_for_global_step(progress, 5, timeout=150)
-    swarm.start_peer([*scenarios.PEER_ARGS, "--batch-norm", "--max-steps", "80", "--seed", "2"])
-    codes = swarm.wait(240)
+    swarm.start_peer([*scenarios.PEER_ARGS, "--batch-norm", "--max-steps", "50", "--seed", "2"])
+    swarm.processes[2].wait(timeout=180)
+    stop.touch()
+    codes = swarm.wait(60)
     assert codes == [0, 0, 0], [swarm.log(i)[-3000:] for i in range(3)]
     first, second, joiner = (scenarios.load_report(swarm.report_path(i)) for i in range(3))
     scenarios.figures("join (third peer after >= 5 global steps)", [first, second, joiner])

@@ -22,21 +22,24 @@ def saved_global_step(checkpoint: Path) -> int:
 
 def test_restarted_peer_rejoins_at_the_swarms_step_not_its_checkpoints(make_swarm, tmp_path, fault_free) -> None:
     swarm = make_swarm()
-    progress = tmp_path / "progress"
+    progress, stop = tmp_path / "progress", tmp_path / "stop"
     checkpoints = [tmp_path / f"ckpt{i}" for i in range(3)]
     for index in range(3):
         extra = ["--progress-file", str(progress)] if index == 0 else []
+        # peers 0 and 1 train until the restarted peer is done (``--stop-file``; 1000 local steps is a safety cap)
         swarm.start_peer([*scenarios.PEER_ARGS, "--min-peers", "3", "--seed", str(index), "--ckpt-dir",
-                          str(checkpoints[index]), "--max-steps", "300", *extra])  # fmt: skip
+                          str(checkpoints[index]), "--max-steps", "1000", "--stop-file", str(stop), *extra])  # fmt: skip
     swarm.wait_for_global_step(progress, 3, timeout=120)
     swarm.signal_peer(2, signal.SIGKILL)
     swarm.processes[2].wait(10)
     stale = saved_global_step(checkpoints[2] / "last.ckpt")
     restarted_at = swarm.wait_for_global_step(progress, stale + 3, timeout=120)
     swarm.start_peer([*scenarios.PEER_ARGS, "--seed", "2", "--ckpt-dir", str(checkpoints[2]),
-                      "--resume", str(checkpoints[2] / "last.ckpt"), "--max-steps", str(scenarios.MAX_STEPS + 40)],
+                      "--resume", str(checkpoints[2] / "last.ckpt"), "--max-steps", "60"],
                      bootstrap=False)  # fmt: skip
-    codes = swarm.wait(240)
+    swarm.processes[3].wait(timeout=180)
+    stop.touch()
+    codes = swarm.wait(60)
     assert codes[:2] == [0, 0] and codes[3] == 0, [swarm.log(i)[-3000:] for i in (0, 1, 3)]
     reports = [scenarios.load_report(swarm.report_path(i)) for i in (0, 1, 3)]
     scenarios.figures("preempt (1 of 3 peers killed, restarted from its checkpoint)", reports, fault_free)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import os
+import signal
 
 import pytest
 
 from lightning_moshpit.averaging import grid_dimensions, grid_group_bits, key_length
-from lightning_moshpit.testing.launch import PARTIAL_ALLREDUCE_WARNING
+from lightning_moshpit.testing.launch import PARTIAL_ALLREDUCE_WARNING, start_module
 
 
 def test_grid_keys_put_exactly_group_size_peers_in_each_bucket() -> None:
@@ -27,28 +27,14 @@ def test_small_swarm_averages_as_one_group() -> None:
 def run_grid(workdir, run_id: str, num_peers: int) -> tuple[list[dict], str]:
     """Run the 8 grid peers once; returns their reports and their logs joined."""
     workdir.mkdir(parents=True)
+    env = {**os.environ}
+    env.pop("MOSHPIT_INITIAL_PEERS", None)
     processes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "lightning_moshpit.testing.grid_peer",
-                "--rank",
-                str(rank),
-                "--num-peers",
-                str(num_peers),
-                "--group-size",
-                "2",
-                "--rounds",
-                "3",
-                "--run-id",
-                run_id,
-                "--workdir",
-                str(workdir),
-            ],
-            stdout=open(workdir / f"grid{rank}.log", "wb"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        start_module(
+            "lightning_moshpit.testing.grid_peer",
+            ["--rank", str(rank), "--num-peers", str(num_peers), "--group-size", "2", "--rounds", "3",
+             "--run-id", run_id, "--workdir", str(workdir)],
+            env, workdir / f"grid{rank}.log",
         )  # fmt: skip
         for rank in range(num_peers)
     ]
@@ -57,8 +43,8 @@ def run_grid(workdir, run_id: str, num_peers: int) -> tuple[list[dict], str]:
     finally:
         for process in processes:
             if process.poll() is None:
-                process.kill()
-                process.wait()
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(10)
     logs = "\n".join((workdir / f"grid{rank}.log").read_text() for rank in range(num_peers))
     assert codes == [0] * num_peers, logs[-6000:]
     return [json.loads((workdir / f"grid{rank}.json").read_text()) for rank in range(num_peers)], logs

@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Optional, Union
+from typing import Optional, Union
 
 PEER_MODULE = "lightning_moshpit.testing.peer"
 
@@ -95,6 +95,33 @@ class ForkedPeer:
 PeerProcess = Union[subprocess.Popen, ForkedPeer]
 
 
+def fast_start_default() -> bool:
+    """Fork peers from the preloaded forkserver unless ``MOSHPIT_TEST_FAST_START=0``."""
+    return os.environ.get("MOSHPIT_TEST_FAST_START", "1") != "0"
+
+
+def start_module(
+    module: str, argv: Sequence[str], env: dict[str, str], log_path: Path, fast_start: Optional[bool] = None
+) -> PeerProcess:
+    """Run ``python -m module *argv`` with exactly ``env`` in a new session, stdout and stderr to ``log_path``.
+
+    With ``fast_start`` (default: :func:`fast_start_default`) the process is forked from the preloaded forkserver;
+    otherwise it is a fresh interpreter. Either way it is its own process and session leader (its pid is its group).
+    """
+    log_path.write_bytes(b"")
+    if fast_start_default() if fast_start is None else fast_start:
+        process = _forkserver().Process(
+            target=_run_module_as_peer, args=(module, list(argv), dict(env), str(log_path)), name=log_path.stem
+        )
+        process.start()
+        return ForkedPeer(process)
+    with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", module, *argv], env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
 class LocalSwarm:
     """Launches ``python -m lightning_moshpit.testing.peer`` processes that form one swarm on loopback.
 
@@ -108,11 +135,8 @@ class LocalSwarm:
         self.workdir, self.run_id = Path(workdir), run_id
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.env = dict(env or {})
-        if fast_start is None:
-            fast_start = os.environ.get("MOSHPIT_TEST_FAST_START", "1") != "0"
-        self.fast_start = fast_start
+        self.fast_start = fast_start_default() if fast_start is None else fast_start
         self.processes: list[PeerProcess] = []
-        self._logs: list[IO[bytes]] = []
         self.address_file = self.workdir / "bootstrap.addr"
         self.bootstrap_index = 0  # the peer whose address the others join through (the latest started bootstrap)
 
@@ -145,14 +169,8 @@ class LocalSwarm:
         else:
             env["MOSHPIT_INITIAL_PEERS"] = self.wait_for_bootstrap()
         log_path = self.workdir / f"peer{index}.log"
-        if self.fast_start:
-            log_path.write_bytes(b"")
-            process = _forkserver().Process(
-                target=_run_module_as_peer, args=(module, argv, env, str(log_path)), name=f"peer{index}"
-            )
-            process.start()
-            self.processes.append(ForkedPeer(process))
-            return index
+        self.processes.append(start_module(module, argv, env, log_path, self.fast_start))
+        return index
         log = open(log_path, "wb")
         self._logs.append(log)
         self.processes.append(
@@ -251,8 +269,6 @@ class LocalSwarm:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
-        for log in self._logs:
-            log.close()
 
     def __enter__(self) -> "LocalSwarm":
         return self

@@ -24,9 +24,9 @@ model laid out the same way) or in ``stages[i].blocks`` / ``stages[i]`` (timm's 
 non-downsampling when it has no ``downsample`` module and no strided convolution. Other models name their blocks with
 ``blocks=``: a list of module paths, or a function ``(name, module) -> bool``.
 
-The residual branch is scaled at evaluation as follows: timm blocks through their ``drop_path`` module (the branch's
-last step), torchvision blocks through their last batch norm (``bn2`` / ``bn3``), and any other block by assuming it
-computes ``x + F(x)`` (pre-activation form): ``x + (block(x) - x) / S``.
+The residual branch is scaled at evaluation as follows: timm and torchvision ResNet blocks through the last module of
+their branch (``drop_path``, ``se`` or the last batch norm), and any other block by assuming it computes ``x + F(x)``
+(pre-activation form, e.g. timm's ResNetV2): ``x + (block(x) - x) / S``.
 """
 
 from __future__ import annotations
@@ -78,12 +78,22 @@ def _stage_container(model: nn.Module, stage: int) -> Optional[nn.Module]:
 
 
 def _branch_end(block: nn.Module) -> Optional[nn.Module]:
-    """The module whose output is the block's residual branch, for the blocks whose forward we know."""
+    """The module whose output ends the residual branch, for the post-activation blocks whose forward we know.
+
+    timm's and torchvision's ResNet blocks compute ``act(shortcut + branch)``; the branch ends in ``drop_path`` (timm,
+    when set), else the squeeze-excite module ``se`` (timm, when set), else the last batch norm (``bn3`` in
+    bottlenecks, ``bn2`` in basic blocks). Other blocks (timm's pre-activation ResNetV2 included) are treated as
+    ``x + F(x)``.
+    """
     origin = type(block).__module__
-    if origin.startswith("timm.") and isinstance(getattr(block, "drop_path", None), nn.Module):
-        return block.drop_path  # timm ResNet/ResNetV2 blocks: x = drop_path(branch); x = x + shortcut
-    if origin.startswith("torchvision.models.resnet"):
-        return getattr(block, "bn3", None) or getattr(block, "bn2", None)
+    if not (origin.startswith("timm.models.resnet") or origin.startswith("torchvision.models.resnet")):
+        return None
+    if origin.startswith("timm.models.resnetv2"):
+        return None
+    for name in ("drop_path", "se", "bn3", "bn2"):
+        module = getattr(block, name, None)
+        if isinstance(module, nn.Module):
+            return module
     return None
 
 

@@ -105,22 +105,29 @@ def main() -> None:
     parser.add_argument("--doc", type=Path, default=Path("docs/resist.md"))
     args = parser.parse_args()
     started = time.time()
-    results = []
+    results: list[dict[str, Any]] = []
+    failures: list[str] = []
     with TemporaryDirectory(prefix="resist_bench_") as workdir:
         for pair in args.runs:
             method, model = pair.split(":")
-            results.append(run(method, model, args, Path(workdir)))
+            try:
+                results.append(run(method, model, args, Path(workdir)))
+            except (RuntimeError, TimeoutError) as error:  # report the other runs anyway, and say which one failed
+                print(f"FAILED {pair}: {error}", flush=True)
+                failures.append(f"{pair}: {str(error)[:2000]}")
     text = table(results)
     print(text)
     command = "python " + " ".join(sys.argv)
     report = {"command": command, "settings": {k: str(v) for k, v in vars(args).items()}, "results": results,
-              "platform": platform.platform(), "seconds": time.time() - started}  # fmt: skip
+              "failures": failures, "platform": platform.platform(), "seconds": time.time() - started}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     if args.doc.exists():
         page = args.doc.read_text()
         pattern = re.compile(re.escape(TABLE_BEGIN) + ".*?" + re.escape(TABLE_END), re.S)
-        block = f"{TABLE_BEGIN}\n*Measured with `{command}` on {platform.machine()} (2 shared cores).*\n\n{text}{TABLE_END}"
+        failed = "".join(f"\nFailed run: {failure.splitlines()[0]}\n" for failure in failures)
+        block = (f"{TABLE_BEGIN}\n*Measured with `{command}` on {platform.machine()} (2 shared cores).*\n\n{text}"
+                 f"{failed}{TABLE_END}")  # fmt: skip
         args.doc.write_text(pattern.sub(lambda _: block, page))
 
 

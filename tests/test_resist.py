@@ -264,3 +264,44 @@ def test_clear_errors_for_bad_models_and_options() -> None:
         ResIST(min_blocks=9).attach(small_resnet())
     with pytest.raises(ValueError, match="at least two chained nn.Linear"):
         IndependentSubnet().attach(nn.Sequential(nn.Linear(3, 3)))
+
+
+def test_in_a_swarm_the_callbacks_need_local_updates() -> None:
+    from lightning_moshpit import MoshpitStrategy
+
+    data = TensorDataset(torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,)))
+    strategy = MoshpitStrategy(run_id="resist_needs_local_updates", host_maddrs="/ip4/127.0.0.1/tcp/0")
+    trainer = L.Trainer(strategy=strategy, max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[ResIST(num_subnets=2)])  # fmt: skip
+    with pytest.raises(ValueError, match="local_updates=True"):
+        trainer.fit(ResNetModule(), DataLoader(data, batch_size=8))
+
+
+def test_single_process_ist_switches_groups_every_round_and_evaluates_with_every_neuron() -> None:
+    class MLPModule(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = mlp()
+
+        def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
+            return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    module = MLPModule()
+    ist = IndependentSubnet(num_subnets=2, local_steps=2)
+    trainer = L.Trainer(max_steps=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[ist])  # fmt: skip
+    before = copy.deepcopy(module.net)
+    data = TensorDataset(torch.randn(24, 5), torch.randint(0, 3, (24,)))
+    trainer.fit(module, DataLoader(data, batch_size=4))
+    assert ist.round == 3
+    changed = set((module.net[0].weight != before[0].weight).any(dim=1).nonzero().flatten().tolist())
+    trained = {int(i) for r in range(3) for i in ist.plan(r).groups[0][r % 2]}  # single process: group r mod S
+    assert changed and changed <= trained  # only rows of the groups this process trained moved
+    module.net.eval()
+    x = torch.randn(3, 5)
+    with torch.no_grad():
+        manual = module.net[4](torch.relu(module.net[2](torch.relu(module.net[0](x)))))
+        torch.testing.assert_close(module.net(x), manual)  # no mask and no scaling at evaluation

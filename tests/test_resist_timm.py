@@ -54,3 +54,17 @@ def test_torchvision_resnet_branch_is_scaled_before_the_final_relu() -> None:
         model.train()
         callback.set_subnet([])
         torch.testing.assert_close(block(inputs), inputs)  # switched off: the identity
+
+
+def test_timm_resnetv2_preactivation_blocks_are_found_in_stages_and_scaled_as_x_plus_f_over_s() -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("resnetv2_18", num_classes=5, in_chans=1, pretrained=False)
+    callback = ResIST(num_subnets=2, stages=[2, 3])
+    callback.attach(model)
+    assert [b.path for b in callback.blocks] == ["stages.1.blocks.1", "stages.2.blocks.1"]
+    block = model.stages[2].blocks[1]
+    model.eval()
+    inputs = torch.randn(2, block.conv1.in_channels, 4, 4)
+    with torch.no_grad():
+        branch = block.conv2(block.norm2(block.conv1(block.norm1(inputs))))
+        torch.testing.assert_close(block(inputs), inputs + branch / 2)

@@ -9,8 +9,9 @@ together, train for ``--seconds`` from their first batch, then run one last aver
 - ``full`` vs ``ist`` on an MLP 64-512-512-10.
 
 Reported per run (mean over peers): held-out accuracy of each peer's final model (after the last round, so the whole
-model), training batches per second per peer (averaging rounds included: the wall clock is what is equal), and bytes
-this peer sent per regular averaging round (all-reduce messages as counted by ``HolderAverager.bytes_sent``).
+model), training batches per second per peer (averaging rounds included: the wall clock is what is equal) and the
+same without the time spent in rounds, and bytes this peer sent per regular averaging round (all-reduce messages as
+counted by ``HolderAverager.bytes_sent``).
 
     flock /tmp/swarm.lock python benchmarks/resist.py     # ~4 minutes; writes docs/benchmarks/resist.json and the
                                                           # table in docs/resist.md
@@ -62,6 +63,11 @@ def run(method: str, model: str, args: argparse.Namespace, workdir: Path) -> dic
         "test_accuracy": statistics.mean(r["test_accuracy"] for r in reports),
         "test_accuracy_by_peer": [r["test_accuracy"] for r in reports],
         "steps_per_second": statistics.mean(r["steps_per_second"] for r in reports),
+        # the same, leaving out the time spent in averaging rounds: what the shallower sub-network buys in compute
+        "compute_steps_per_second": statistics.mean(
+            r["batches"] / max(1e-9, r["train_seconds"] - sum(x["seconds"] for x in r["rounds"] if x["round"] >= 0))
+            for r in reports
+        ),
         "batches_by_peer": [r["batches"] for r in reports],
         "rounds_per_peer": statistics.mean(sum(r["round"] >= 0 for r in rep["rounds"]) for rep in reports),
         "rounds_with_all_peers": f"{len(complete)}/{len(regular)}",
@@ -74,9 +80,9 @@ def run(method: str, model: str, args: argparse.Namespace, workdir: Path) -> dic
 
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| model | method | S | test accuracy | steps/s per peer | bytes sent per round per peer | vs full | "
-        "rounds with all peers |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | method | S | test accuracy | steps/s per peer | steps/s outside rounds | bytes sent per round per "
+        "peer | vs full | rounds with all peers |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     baseline: dict[str, dict[str, Any]] = {}
     for result in results:
@@ -87,7 +93,8 @@ def table(results: list[dict[str, Any]]) -> str:
         name = {"preact": "pre-act ResNet", "mlp": "MLP"}[result["model"]]
         lines.append(
             f"| {name} ({result['parameters'] / 1e3:.0f}k params) | {result['method']} | {result['num_subnets']} | "
-            f"{result['test_accuracy']:.3f} | {result['steps_per_second']:.1f} | {result['bytes_per_round'] / 1e6:.3f} MB"
+            f"{result['test_accuracy']:.3f} | {result['steps_per_second']:.1f} | "
+            f"{result['compute_steps_per_second']:.1f} | {result['bytes_per_round'] / 1e6:.3f} MB"
             f" | {ratio:.2f}x | {result['rounds_with_all_peers']} |"
         )
     return "\n".join(lines) + "\n"

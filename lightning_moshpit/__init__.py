@@ -6,11 +6,19 @@ Importing this package registers the strategy names ``"moshpit"`` and ``"moshpit
 
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_moshpit.callbacks import EditableTraining
+from lightning_moshpit.callbacks import EditableTraining, IndependentSubnet, ResIST
 from lightning_moshpit.optimizer import AveragingRound, SwarmOptimizer
 from lightning_moshpit.strategy import MoshpitStrategy
 
 __version__ = "0.1.0"
-__all__ = ["AveragingRound", "EditableTraining", "MoshpitStrategy", "SwarmOptimizer", "__version__"]
+__all__ = [
+    "AveragingRound",
+    "EditableTraining",
+    "IndependentSubnet",
+    "MoshpitStrategy",
+    "ResIST",
+    "SwarmOptimizer",
+    "__version__",
+]
 
 MoshpitStrategy.register_strategies(StrategyRegistry)

@@ -35,11 +35,14 @@ test-quick: install-dev
 demo: install
 	$(BIN)/python examples/local_swarm.py --peers 3
 
-## make bench: the benchmark scripts (simulator ~30 s; averaging ~10 min on 2 cores); results go to docs/benchmarks/
+## make bench: the benchmark scripts (simulator ~30 s; averaging ~10 min, throughput ~15 min, time to accuracy
+## ~12 min on 2 cores); results go to docs/benchmarks/
 bench: install-dev
 	$(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python benchmarks/simulator.py
 	$(BIN)/python benchmarks/averaging.py --large-parts --profile
+	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/time_to_accuracy.py
 
 lint: install-dev
 	$(BIN)/ruff check lightning_moshpit tests examples benchmarks

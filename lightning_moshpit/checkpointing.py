@@ -51,12 +51,19 @@ class SwarmCheckpointer:
         module: a fresh instance of the training peers' LightningModule (same architecture; its weights are replaced
             by the swarm's at each checkpoint).
         directory: where ``step_<global step>.ckpt`` files and ``last.ckpt`` go; created if missing.
-        every: save when the swarm's global step is a positive multiple of this.
+        every: save once in every window of this many global steps (see below).
         timeout: seconds one download may take before that checkpoint is skipped (with a warning).
         aggregation: the trainers' ``aggregation`` (``"centered_clip"`` swarms keep their state under another prefix).
 
+    A checkpoint is due when the swarm's global step reaches a positive multiple ``k * every``. The monitor only
+    *downloads* the state, while the trainers go on stepping, so what arrives is the state of whatever step the
+    serving trainer is at: usually ``k * every``, on a fast swarm a step or two later, and sometimes a step *earlier*
+    (a trainer publishes its progress before its state averager has applied the step). The file is always named by
+    the step it holds. A state older than ``k * every`` is not saved: the next snapshot downloads again. A state at
+    or after it is saved and closes the window: at most one checkpoint per window ``[k * every, (k + 1) * every)``.
+
     Saving runs in a background thread, so a slow download never delays the monitor's logging; a checkpoint that is
-    due while another is still downloading is skipped, and the next multiple of ``every`` is tried.
+    due while another is still downloading waits for the next snapshot.
     """
 
     def __init__(
@@ -80,19 +87,18 @@ class SwarmCheckpointer:
         # Built now, in the main thread: hivemind installs a signal handler when an averager starts
         self.averager = self._make_averager()
         self.saved: list[Path] = []
-        self._last_due: Optional[int] = None
+        self._saved_step = 0  # the global step of the last checkpoint written (0: none yet)
         self._thread: Optional[threading.Thread] = None
 
     def __call__(self, snapshot: Any) -> None:
         """Called by :class:`~lightning_moshpit.monitor.SwarmMonitor` with each new snapshot of the swarm."""
         step = snapshot.global_step
         due = step - step % self.every
-        if not snapshot.peers or due < self.every or due == self._last_due:
-            return
+        if not snapshot.peers or due < self.every or due <= self._saved_step:
+            return  # nobody to download from, no multiple reached yet, or this window already has its checkpoint
         if self._thread is not None and self._thread.is_alive():
             return  # still saving the previous one
-        self._last_due = due
-        self._thread = threading.Thread(target=self.save, name="moshpit-checkpoint", daemon=True)
+        self._thread = threading.Thread(target=self.save, kwargs={"due": due}, name="moshpit-checkpoint", daemon=True)
         self._thread.start()
 
     def _make_averager(self) -> TrainingStateAverager:
@@ -122,17 +128,25 @@ class SwarmCheckpointer:
             signal.signal(signal.SIGINT, sigint_before)
         return averager
 
-    def save(self) -> Optional[Path]:
-        """Download the swarm's current state and write it; returns the file, or None if no peer served it."""
-        before = self.averager.local_epoch
+    def save(self, due: int = 0) -> Optional[Path]:
+        """Download the swarm's current state and write it; returns the file, or None if nothing was saved.
+
+        Args:
+            due: the multiple of ``every`` this checkpoint is for; a state served from an earlier global step is not
+                saved (None), so the caller downloads again at its next snapshot. 0 saves any state newer than the
+                last checkpoint.
+        """
         try:
             self.averager.load_state_from_peers(timeout=self.timeout)
         except Exception as error:  # a peer leaving mid-download, a shape mismatch: skip this one, keep monitoring
             log.warning(f"[moshpit] checkpoint skipped: downloading the swarm's state failed: {error!r}")
             return None
         step = self.averager.local_epoch
-        if step <= before:  # hivemind logs why (no peer answered, a tensor mismatch) and leaves the state untouched
-            log.warning(f"[moshpit] checkpoint skipped: no peer served a state newer than global step {before}")
+        if step < due:  # the serving trainer has not applied step `due` yet (or nobody answered): try again later
+            log.info(f"[moshpit] checkpoint for global step {due}: the state served is at step {step}, retrying")
+            return None
+        if step <= self._saved_step:  # hivemind logs why (no peer answered, a tensor mismatch)
+            log.warning(f"[moshpit] checkpoint skipped: no peer served a state newer than global step {self._saved_step}")
             return None
         path = self.directory / f"step_{step:06d}.ckpt"
         optimizer_state = self.averager.optimizer.state_dict()
@@ -150,6 +164,7 @@ class SwarmCheckpointer:
         }
         _atomic_save(checkpoint, path)
         _atomic_save(checkpoint, self.directory / "last.ckpt")
+        self._saved_step = step
         self.saved.append(path)
         log.info(f"[moshpit] checkpoint of global step {step}: {path}")
         print(f"[moshpit] checkpoint of global step {step}: {path}", flush=True)

@@ -66,6 +66,16 @@ def full_round_share(reports: list[dict], num_peers: int) -> tuple[int, int]:
     return sum(r["group_size"] == num_peers for r in rounds), len(rounds)
 
 
+def describe_rounds(reports: list[dict]) -> str:
+    """Per peer: its group size at each global step, when it averaged (seconds after the first round), resyncs."""
+    start = min(r["time"] for report in reports for r in report["rounds"])
+    lines = []
+    for index, report in enumerate(reports):
+        rounds = " ".join(f"{r['epoch']}:{r['group_size']}@{r['time'] - start:.1f}s" for r in report["rounds"])
+        lines.append(f"peer {index} (resyncs {report.get('resyncs')}, final step {report['global_step']}): {rounds}")
+    return "\n".join(lines)
+
+
 def max_param_difference_at_last_common_step(reports: list[dict]) -> tuple[int, float]:
     common = set.intersection(*(set(report["snapshots"]) for report in reports))
     step = max(common, key=int)
@@ -82,7 +92,7 @@ def check_swarm_run(reports: list[dict], num_peers: int, target_batch_size: int)
     full, total = full_round_share(reports, num_peers)
     print(f"{num_peers} peers: {full}/{total} averaging rounds included every peer")
     assert total >= 4 * num_peers
-    assert full / total >= 0.99, [r["rounds"] for r in reports]
+    assert full / total >= 0.99, describe_rounds(reports)
 
     step, difference = max_param_difference_at_last_common_step(reports)
     print(f"{num_peers} peers: max |param difference| at global step {step}: {difference:.2e}")

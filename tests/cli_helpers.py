@@ -9,64 +9,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 #: The training peer program every swarm test runs (its own model and data; see lightning_moshpit.testing.peer).
 PEER = ["-m", "lightning_moshpit.testing.peer"]
-
-
-#: Session ids of the commands these helpers started (each runs in its own session, with its p2pd).
-STARTED_SESSIONS: set[int] = set()
-
-
-def own_p2pd_pids() -> set[int]:
-    """p2pd daemons started by this test process or by commands it launched, and no one else's.
-
-    The suite's shared ``no_leftover_p2pd`` fixture counts (and kills) every new p2pd on the machine, which also hits
-    peers that another test run starts at the same time; the CLI tests narrow it to their own sessions.
-    """
-    result = subprocess.run(["ps", "-eo", "pid=,ppid=,sid=,args="], capture_output=True, text=True)
-    parents, sessions, daemons = {}, {}, []
-    for line in result.stdout.splitlines():
-        fields = line.split(None, 3)
-        if len(fields) < 4:
-            continue
-        pid, ppid, sid = int(fields[0]), int(fields[1]), int(fields[2])
-        parents[pid], sessions[pid] = ppid, sid
-        if "hivemind_cli/p2pd" in fields[3]:
-            daemons.append(pid)
-    pids = set()
-    for pid in daemons:
-        if sessions[pid] in STARTED_SESSIONS:
-            pids.add(pid)
-            continue
-        ancestor = parents.get(pid)
-        while ancestor and ancestor != 1:  # a daemon of a DHT this test process started
-            if ancestor == os.getpid():
-                pids.add(pid)
-                break
-            ancestor = parents.get(ancestor)
-    return pids
-
-
-def check_no_leftover_p2pd() -> Iterator[None]:
-    """Fixture body: fail a test that leaves one of its own p2pd daemons running (after a grace period)."""
-    before = own_p2pd_pids()
-    yield
-    deadline = time.monotonic() + 15
-    leftover = own_p2pd_pids() - before
-    while leftover and time.monotonic() < deadline:
-        time.sleep(0.25)
-        leftover = own_p2pd_pids() - before
-    for pid in leftover:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    assert not leftover, f"p2pd daemons left running after the test: {sorted(leftover)}"
 
 
 def cli_env(**extra: str) -> dict[str, str]:
@@ -93,7 +42,6 @@ class CliProcess:
             self.args, cwd=cwd, env=cli_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
-        STARTED_SESSIONS.add(self.process.pid)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 

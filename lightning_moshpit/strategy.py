@@ -32,7 +32,12 @@ from lightning_moshpit.averaging import averager_options, check_group_size, make
 from lightning_moshpit.guards import ModelSignature
 from lightning_moshpit.monitor import MetricsPublisher
 from lightning_moshpit.optimizer import AveragingRound, SwarmOptimizer
-from lightning_moshpit.reducers import DEFAULT_CLIP_ITERS, DEFAULT_DROP_FACTOR, check_aggregation, gradient_averager_factory
+from lightning_moshpit.reducers import (
+    DEFAULT_CLIP_ITERS,
+    DEFAULT_DROP_FACTOR,
+    check_aggregation,
+    gradient_averager_factory,
+)
 
 log = logging.getLogger(__name__)
 

@@ -72,8 +72,11 @@ def run_swarm(workdir: Path, args: argparse.Namespace, attack: str, aggregation:
         if any(codes[i] != 0 for i in honest):
             raise RuntimeError("\n".join(swarm.log(i)[-2000:] for i in honest))
         reports = [json.loads(swarm.report_path(i).read_text()) for i in honest]
-        flagged = sum("CenteredClip: peer" in swarm.log(i) for i in honest)
-        rejected = sum("left out of the average" in swarm.log(i) for i in honest)
+        logs = [swarm.log(i) for i in honest]
+        warnings = sorted({line.split("WARNING", 1)[-1].strip()[:300] for text in logs for line in text.splitlines()
+                           if "CenteredClip: peer" in line})  # fmt: skip
+        flagged = sum("CenteredClip: peer" in text for text in logs)
+        rejected = sum("left out of the average" in text for text in logs)
     accuracies = [r["test_accuracy"] for r in reports]
     round_seconds = [s for r in reports for s in r["round_seconds"]]
     return {
@@ -90,6 +93,7 @@ def run_swarm(workdir: Path, args: argparse.Namespace, attack: str, aggregation:
         "round_seconds": round_seconds,
         "honest_peers_that_logged_an_outlier": flagged,
         "honest_peers_that_rejected_or_dropped_a_part": rejected,
+        "outlier_warnings": warnings,  # first warning per (reducing peer, sender, averager): which rounds, how far
         "attacker_exit_code": codes[-1] if attack != "none" else None,
         "wall_seconds": time.monotonic() - started,
     }

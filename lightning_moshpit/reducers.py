@@ -127,8 +127,10 @@ class CenteredClipReducer(TensorPartReducer):
         num_senders: int,
         clip: ClipConfig,
         sender_names: Optional[Sequence[str]] = None,
+        round_name: str = "",
     ) -> None:
         self.clip = clip
+        self.round_name = round_name  # the averager's DHT prefix, e.g. "<run_id>_grad_averager_centered_clip"
         self.sender_names = list(sender_names) if sender_names is not None else [str(i) for i in range(num_senders)]
         self._parts: list[torch.Tensor] = []
         self._weights: list[float] = []
@@ -202,13 +204,14 @@ class CenteredClipReducer(TensorPartReducer):
                                      f"its pull was clipped to τ")  # fmt: skip
         return result.value
 
-    _flagged: set[str] = set()  # per process: warn once per sender, then log at debug level
+    _flagged: set[tuple[str, str]] = set()  # per process: warn once per sender and averager, then log at debug level
 
     def _flag(self, position: int, what: str) -> None:
         name = self.sender_names[self._senders[position]]
-        level = logging.DEBUG if name in CenteredClipReducer._flagged else logging.WARNING
-        CenteredClipReducer._flagged.add(name)
-        log.log(level, f"CenteredClip: peer {name} {what}")
+        level = logging.DEBUG if (self.round_name, name) in CenteredClipReducer._flagged else logging.WARNING
+        CenteredClipReducer._flagged.add((self.round_name, name))
+        where = f" [{self.round_name}]" if self.round_name else ""
+        log.log(level, f"CenteredClip: peer {name} {what}{where}")
 
 
 class ClippedAllReduceRunner(AllReduceRunner):
@@ -229,6 +232,7 @@ class ClippedAllReduceRunner(AllReduceRunner):
             replaced.num_senders,
             clip=clip,
             sender_names=[peer_id.to_base58() for peer_id in self.sender_peer_ids],
+            round_name=kwargs.get("prefix") or "",
         )
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import tempfile
 import time
@@ -151,19 +152,25 @@ def table(results: list[dict]) -> str:
         spread = f" ± {100 * row['sd']:.1f}" if row["n"] > 1 else ""
         return f"{100 * row['mean']:.1f}{spread} (n={row['n']}, worst {100 * row['worst']:.1f})"
 
-    def gap(attack: str, aggregation: str) -> str:
-        attacked, clean = summary.get((attack, aggregation)), summary.get(("none", aggregation))
+    def gap(attack: str, aggregation: str, reference: str) -> str:
+        """Difference of the means over seeds, ± its standard error sqrt(sd1²/n1 + sd2²/n2)."""
+        attacked, clean = summary.get((attack, aggregation)), summary.get(("none", reference))
         if attack == "none" or not attacked or not clean:
             return ""
-        return f"{100 * (attacked['mean'] - clean['mean']):+.1f}"
+        text = f"{100 * (attacked['mean'] - clean['mean']):+.1f}"
+        if attacked["n"] > 1 and clean["n"] > 1:
+            error = math.sqrt(attacked["sd"] ** 2 / attacked["n"] + clean["sd"] ** 2 / clean["n"])
+            text += f" ± {100 * error:.1f}"
+        return text
 
     clips = [a for a in aggregations if a != "mean"]
+    references = [(a, a) for a in clips] + ([(a, "mean") for a in clips] if "mean" in aggregations else [])
     header = ["attack (1 of 4 peers)", *[f"{a}: accuracy %" for a in aggregations],
-              *[f"{a} vs no attack (points)" for a in clips]]  # fmt: skip
+              *[f"{a} vs {r} without attack (points)" for a, r in references]]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     attacks = sorted({key[0] for key in summary}, key=lambda a: ATTACKS.index(a))
     for attack in attacks:
-        cells = [attack, *[cell((attack, a)) for a in aggregations], *[gap(attack, a) for a in clips]]
+        cells = [attack, *[cell((attack, a)) for a in aggregations], *[gap(attack, a, r) for a, r in references]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

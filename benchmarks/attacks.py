@@ -16,7 +16,7 @@ command (or only that, with ``--from-json``): per cell, the mean over seeds ± t
 largest part), mean against CenteredClip; the per-round overhead comes from the attack-free runs' round times (as the
 training process sees it, waiting for the group included).
 
-    python benchmarks/attacks.py --fresh --attacks none --seeds 0 1 2 --overhead   # ~9 min on 2 cores
+    python benchmarks/attacks.py --fresh --attacks none --seeds 0 1 2 --overhead   # 6 runs of ~1 min each on 2 cores
     python benchmarks/attacks.py --attacks sign_flip gaussian --aggregations centered_clip --seeds 0 1 2
     python benchmarks/attacks.py --from-json      # rewrite the table from the JSON, run nothing
 """

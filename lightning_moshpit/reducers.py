@@ -46,7 +46,7 @@ from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.utils import as_aiter, get_dht_time
 from hivemind.utils.asyncio import azip
 
-from lightning_moshpit.clipping import DEFAULT_CLIP_ITERS, DEFAULT_TOLERANCE, centered_clip
+from lightning_moshpit.clipping import DEFAULT_CLIP_ITERS, DEFAULT_DROP_FACTOR, DEFAULT_TOLERANCE, centered_clip
 from lightning_moshpit.security import (
     PrivateAveragerMixin,
     PrivateGradientAverager,
@@ -68,12 +68,14 @@ MIN_SENDERS = 3
 class ClipConfig:
     """CenteredClip settings shared by every reducer of a peer (see :func:`lightning_moshpit.clipping.centered_clip`).
 
-    ``tau=None`` is the adaptive radius (the median distance of the parts to their coordinate-wise median).
+    ``tau=None`` is the adaptive radius (the median distance of the parts to their coordinate-wise median);
+    ``drop_factor`` rejects parts farther than that many radii from the clipped result (``None``: clip only).
     """
 
     tau: Optional[float] = None
     iterations: int = DEFAULT_CLIP_ITERS
     tolerance: float = DEFAULT_TOLERANCE
+    drop_factor: Optional[float] = DEFAULT_DROP_FACTOR
 
     @property
     def prefix_suffix(self) -> str:
@@ -81,7 +83,9 @@ class ClipConfig:
         return CLIP_PREFIX_SUFFIX
 
 
-def check_aggregation(aggregation: Any, clip_tau: Any, clip_iters: Any) -> Optional[ClipConfig]:
+def check_aggregation(
+    aggregation: Any, clip_tau: Any, clip_iters: Any, clip_drop: Any = DEFAULT_DROP_FACTOR
+) -> Optional[ClipConfig]:
     """Validate ``MoshpitStrategy``'s aggregation arguments; returns the clip settings, or ``None`` for the mean."""
     if not isinstance(aggregation, str) or aggregation not in AGGREGATION_NAMES:
         raise ValueError(f"`aggregation` must be one of {list(AGGREGATION_NAMES)}, got {aggregation!r}")
@@ -94,9 +98,17 @@ def check_aggregation(aggregation: Any, clip_tau: Any, clip_iters: Any) -> Optio
         )
     if isinstance(clip_iters, bool) or not isinstance(clip_iters, int) or clip_iters < 1:
         raise ValueError(f"`clip_iters` must be a positive integer (CenteredClip iterations), got {clip_iters!r}")
+    if clip_drop is not None and (
+        isinstance(clip_drop, bool) or not isinstance(clip_drop, (int, float)) or not (math.isfinite(clip_drop) and clip_drop > 1)
+    ):
+        raise ValueError(
+            f"`clip_drop` must be a finite number > 1 (reject members farther than this many clipping radii) or None "
+            f"(clip only, never reject), got {clip_drop!r}"
+        )
     if aggregation == "mean":
         return None
-    return ClipConfig(tau=None if clip_tau is None else float(clip_tau), iterations=clip_iters)
+    return ClipConfig(tau=None if clip_tau is None else float(clip_tau), iterations=clip_iters,
+                      drop_factor=None if clip_drop is None else float(clip_drop))  # fmt: skip
 
 
 class CenteredClipReducer(TensorPartReducer):
@@ -104,7 +116,8 @@ class CenteredClipReducer(TensorPartReducer):
 
     hivemind's reducer adds every incoming part to one accumulator. This one keeps the parts of the current piece (one
     per sender, so memory is n × part size) and reduces them when the last live sender has delivered or was banned.
-    A sender flagged as an outlier (clipped, or dropped for NaN/inf) is logged with its peer id: once as a warning,
+    A sender flagged as an outlier (clipped far away, rejected beyond ``drop_factor · τ``, or dropped for NaN/inf) is
+    logged with its peer id: once as a warning,
     later at debug level.
     """
 
@@ -114,8 +127,10 @@ class CenteredClipReducer(TensorPartReducer):
         num_senders: int,
         clip: ClipConfig,
         sender_names: Optional[Sequence[str]] = None,
+        round_name: str = "",
     ) -> None:
         self.clip = clip
+        self.round_name = round_name  # the averager's DHT prefix, e.g. "<run_id>_grad_averager_centered_clip"
         self.sender_names = list(sender_names) if sender_names is not None else [str(i) for i in range(num_senders)]
         self._parts: list[torch.Tensor] = []
         self._weights: list[float] = []
@@ -174,9 +189,14 @@ class CenteredClipReducer(TensorPartReducer):
             tau=self.clip.tau,
             iterations=self.clip.iterations,
             tolerance=self.clip.tolerance,
+            drop_factor=self.clip.drop_factor,
         )
         for position in result.dropped:
             self._flag(position, "sent NaN/inf values; its part was left out of the average")
+        for position in result.rejected:
+            self._flag(position, f"sent a part {result.distances[position]:.3g} away from the robust average, more than "
+                                 f"{self.clip.drop_factor:g} x the radius τ={result.tau:.3g}; its part was left out of "
+                                 f"the average")  # fmt: skip
         for position in result.clipped:
             distance = result.distances[position]
             if distance > 10 * result.tau:  # honest parts sit near τ by construction; report clear outliers only
@@ -184,13 +204,14 @@ class CenteredClipReducer(TensorPartReducer):
                                      f"its pull was clipped to τ")  # fmt: skip
         return result.value
 
-    _flagged: set[str] = set()  # per process: warn once per sender, then log at debug level
+    _flagged: set[tuple[str, str]] = set()  # per process: warn once per sender and averager, then log at debug level
 
     def _flag(self, position: int, what: str) -> None:
         name = self.sender_names[self._senders[position]]
-        level = logging.DEBUG if name in CenteredClipReducer._flagged else logging.WARNING
-        CenteredClipReducer._flagged.add(name)
-        log.log(level, f"CenteredClip: peer {name} {what}")
+        level = logging.DEBUG if (self.round_name, name) in CenteredClipReducer._flagged else logging.WARNING
+        CenteredClipReducer._flagged.add((self.round_name, name))
+        where = f" [{self.round_name}]" if self.round_name else ""
+        log.log(level, f"CenteredClip: peer {name} {what}{where}")
 
 
 class ClippedAllReduceRunner(AllReduceRunner):
@@ -211,6 +232,7 @@ class ClippedAllReduceRunner(AllReduceRunner):
             replaced.num_senders,
             clip=clip,
             sender_names=[peer_id.to_base58() for peer_id in self.sender_peer_ids],
+            round_name=kwargs.get("prefix") or "",
         )
 
 

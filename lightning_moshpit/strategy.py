@@ -32,7 +32,12 @@ from lightning_moshpit.averaging import averager_options, check_group_size, make
 from lightning_moshpit.guards import ModelSignature
 from lightning_moshpit.monitor import MetricsPublisher
 from lightning_moshpit.optimizer import AveragingRound, SwarmOptimizer
-from lightning_moshpit.reducers import DEFAULT_CLIP_ITERS, check_aggregation, gradient_averager_factory
+from lightning_moshpit.reducers import (
+    DEFAULT_CLIP_ITERS,
+    DEFAULT_DROP_FACTOR,
+    check_aggregation,
+    gradient_averager_factory,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +117,11 @@ class MoshpitStrategy(SingleDeviceStrategy):
             coordinate-wise median, which needs no tuning; set a number only if you know your gradients' scale.
         clip_iters: CenteredClip iterations after the coordinate-wise median start (it stops earlier once it
             converges). Each costs one pass over the vector part a peer reduces; 10 is plenty in practice.
+        clip_drop: After clipping, reject (weight 0) members farther than this many radii from the result and clip
+            again without them (BTARD-style), so one far outlier has no pull at all instead of about ``τ / n`` per
+            round; never more than a minority of the group. ``None`` only clips. Default 4: honest members lie about
+            one radius away (at most 2.4 in a simulation on digits gradients), the attacks of docs/security.md
+            about 1000.
         bootstrap_timeout: Seconds to reach ``initial_peers`` before raising a ``ConnectionError`` naming them.
         verbose: Log hivemind's progress messages (rounds, peers, state downloads) at INFO level.
         swarm_secret: Make the swarm private: only peers started with the same secret (at least 16 characters) can
@@ -148,6 +158,7 @@ class MoshpitStrategy(SingleDeviceStrategy):
         aggregation: str = "mean",
         clip_tau: Optional[float] = None,
         clip_iters: int = DEFAULT_CLIP_ITERS,
+        clip_drop: Optional[float] = DEFAULT_DROP_FACTOR,
         verbose: bool = False,
         swarm_secret: Optional[str] = None,
         accelerator: Any = None,
@@ -208,8 +219,8 @@ class MoshpitStrategy(SingleDeviceStrategy):
                 "`grad_averager_factory` cannot be combined with `swarm_secret`: a private swarm builds its own "
                 "gradient averager, which refuses peers without the secret"
             )
-        self.clip = check_aggregation(aggregation, clip_tau, clip_iters)
-        self.aggregation, self.clip_tau, self.clip_iters = aggregation, clip_tau, clip_iters
+        self.clip = check_aggregation(aggregation, clip_tau, clip_iters, clip_drop)
+        self.aggregation, self.clip_tau, self.clip_iters, self.clip_drop = aggregation, clip_tau, clip_iters, clip_drop
         if self.clip is not None and "grad_averager_factory" in optimizer_kwargs:
             raise ValueError(
                 "`aggregation='centered_clip'` builds its own gradient averager; it cannot be combined with a custom "

@@ -132,7 +132,8 @@ def test_reducer_returns_the_same_robust_parts_to_every_sender() -> None:
     parts_by_sender.append([-1000 * honest[0].mean(0), torch.full((50,), float("nan"))])
     results = run_reducer(parts_by_sender, weights=[16.0] * 4)
     for part_index in range(2):
-        expected = centered_clip(torch.stack([p[part_index] for p in parts_by_sender]), weights=[16.0] * 4).value
+        expected = centered_clip(torch.stack([p[part_index] for p in parts_by_sender]), weights=[16.0] * 4,
+                                 drop_factor=ClipConfig().drop_factor).value  # the reducer's default rule
         for sender_results in results:
             assert torch.equal(sender_results[part_index], expected)
         assert float((expected - honest[part_index].mean(0)).norm()) < 1.0
@@ -207,3 +208,87 @@ def test_a_private_centered_clip_swarm_builds_averagers_with_both_the_clip_and_t
     assert ClippedPrivateGradientAverager._get_handle_name(None, "rpc_join_group") == (
         "ClippedGradientAverager.rpc_join_group"
     )
+
+
+# --- rejecting far outliers (``drop_factor``, BTARD-style) ---
+
+
+def test_with_rejection_and_no_outlier_it_is_still_exactly_the_weighted_mean() -> None:
+    vectors = honest_vectors()
+    weights = [1.0, 2.0, 2.0]
+    result = centered_clip(vectors, weights=weights, tau=1e6, iterations=50, drop_factor=4.0)
+    expected = (torch.tensor(weights)[:, None] * vectors).sum(0) / sum(weights)
+    assert result.rejected == ()
+    assert torch.allclose(result.value, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("attack", ["sign_flip", "huge_constant"])
+def test_a_far_outlier_is_rejected_and_keeps_no_influence(attack: str) -> None:
+    honest = honest_vectors(count=3, size=200, seed=1)
+    outlier = -1000 * honest.mean(0) if attack == "sign_flip" else torch.full((200,), 1e4)
+    vectors = torch.cat([honest, outlier[None]])
+    clipped_only = centered_clip(vectors)
+    result = centered_clip(vectors, drop_factor=4.0, iterations=50)
+    assert result.rejected == (3,) and result.dropped == ()
+    assert result.distances[3] > 100 * result.tau  # its real distance, not inf
+    # exactly what the honest vectors alone give with the same radius: the outlier's pull is gone
+    alone = centered_clip(honest, tau=result.tau, iterations=50)
+    assert torch.allclose(result.value, alone.value, atol=1e-6)
+    # ... whereas clipping alone leaves a pull of about τ/n towards the outlier
+    bias_clipped = float((clipped_only.value - alone.value).norm())
+    bias_rejected = float((result.value - alone.value).norm())
+    assert bias_clipped > 0.1 * clipped_only.tau and bias_rejected < 1e-3 * bias_clipped
+
+
+@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("count", [3, 4, 8])
+def test_no_honest_vector_is_rejected_when_all_are_close(seed: int, count: int) -> None:
+    # honest vectors: one shared center plus independent noise, at every scale
+    for scale in (1e-4, 1.0, 1e4):
+        vectors = scale * honest_vectors(count=count, size=64, seed=seed)
+        result = centered_clip(vectors, drop_factor=4.0)
+        assert result.rejected == (), (scale, result.distances, result.tau)
+
+
+def test_rejection_never_removes_a_majority() -> None:
+    honest = honest_vectors(count=2, size=50)
+    far = torch.stack([torch.full((50,), 1e3), torch.full((50,), -1e3)])
+    vectors = torch.cat([honest, far])  # two far vectors of four: at most (4 - 1) // 2 = 1 may go
+    result = centered_clip(vectors, drop_factor=4.0)
+    assert len(result.rejected) == 1 and result.rejected[0] in (2, 3)
+    assert bool(torch.isfinite(result.value).all())
+
+
+def test_rejection_with_nan_and_zero_radius() -> None:
+    honest = honest_vectors()
+    nan_row = torch.full((1, 50), float("nan"))
+    far_row = torch.full((1, 50), 1e5)
+    result = centered_clip(torch.cat([honest, nan_row, far_row]), drop_factor=4.0)
+    assert result.dropped == (3,) and result.rejected == (4,)
+    assert math.isinf(result.distances[3]) and result.distances[4] > 1e5
+    # a zero radius (a majority of identical vectors) returns the median and rejects nothing
+    same = torch.stack([honest[0]] * 3 + [honest[1]])
+    result = centered_clip(same, drop_factor=4.0)
+    assert result.tau == 0 and result.rejected == () and torch.equal(result.value, honest[0])
+
+
+def test_drop_factor_is_validated() -> None:
+    for bad in (1.0, 0.5, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=r"`drop_factor` must be a finite number > 1"):
+            centered_clip(honest_vectors(), drop_factor=bad)
+    assert check_aggregation("centered_clip", None, 10, None) == ClipConfig(drop_factor=None)
+    assert check_aggregation("centered_clip", None, 10, 3) == ClipConfig(drop_factor=3.0)
+    with pytest.raises(ValueError, match=r"`clip_drop` must be a finite number > 1 .* got 0.5"):
+        MoshpitStrategy(aggregation="centered_clip", clip_drop=0.5)
+    assert MoshpitStrategy(aggregation="centered_clip").clip.drop_factor == 4.0
+
+
+def test_the_reducer_rejects_a_far_sender_and_names_it(caplog: pytest.LogCaptureFixture) -> None:
+    honest = honest_vectors(count=3, size=40, seed=2)
+    parts_by_sender = [[row] for row in honest] + [[-1000 * honest.mean(0)]]
+    with caplog.at_level("DEBUG", logger="lightning_moshpit.reducers"):
+        results = run_reducer(parts_by_sender, weights=[1.0] * 4)
+    expected = centered_clip(torch.stack([p[0] for p in parts_by_sender]), drop_factor=4.0).value
+    assert all(torch.allclose(r[0], expected) for r in results)
+    assert any("left out of the average" in record.getMessage() and "4 x the radius" in record.getMessage()
+               for record in caplog.records)  # fmt: skip

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_moshpit
 from lightning_moshpit import MoshpitStrategy
+from lightning_moshpit.clipping import DEFAULT_DROP_FACTOR
 from lightning_moshpit.testing.attacks import ATTACKS, GRADIENT_ATTACKS, flip_labels, install_gradient_attack
 
 
@@ -258,6 +259,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--aggregation", choices=["mean", "centered_clip"], default="mean")
     parser.add_argument("--clip-tau", type=float, default=None, help="CenteredClip radius (default: adaptive)")
     parser.add_argument("--clip-iters", type=int, default=10)
+    parser.add_argument("--clip-drop", type=float, default=DEFAULT_DROP_FACTOR,
+                        help="reject members beyond this many clipping radii; 0 disables (clip only)")  # fmt: skip
     parser.add_argument("--attack", choices=ATTACKS, default="none", help="make this peer Byzantine")
     parser.add_argument("--attack-scale", type=float, default=1000.0, help="sign flip factor / attack norm ratio")
     parser.add_argument("--max-global-steps", type=int, default=None, help="also stop at this swarm global step")
@@ -303,6 +306,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             aggregation=args.aggregation,
             clip_tau=args.clip_tau,
             clip_iters=args.clip_iters,
+            clip_drop=args.clip_drop or None,
             host_maddrs=os.environ.get("MOSHPIT_HOST_MADDRS", "/ip4/127.0.0.1/tcp/0"),
             **extra,
         )

@@ -18,6 +18,7 @@ import atexit
 import multiprocessing
 import os
 import runpy
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,6 +49,23 @@ def _forkserver() -> multiprocessing.context.ForkServerContext:
     return _FORKSERVER
 
 
+def _unshare_hivemind_locks() -> None:
+    """Give this forked peer its own copies of hivemind's process-wide locks.
+
+    hivemind creates several ``multiprocessing.Lock`` objects when it is imported (``MPFuture``'s initialisation and
+    pipe locks, ``SharedBytes``' allocation lock, the async-context executor lock). They are semaphores in shared
+    memory, meant to be shared by one peer and the DHT and averager processes it forks. Because the forkserver imported
+    hivemind once for every peer, all peers forked from it would share the *same* semaphores: a peer killed with
+    SIGKILL (or stopped with SIGSTOP) while holding one froze every other peer, and every peer started after it, at
+    their next ``MPFuture``. A peer started with ``python -m`` creates its own locks at import; this restores that.
+    """
+    from hivemind.utils.asyncio import _AsyncContextWrapper
+    from hivemind.utils.mpfuture import MPFuture
+
+    MPFuture.reset_backend()  # new MPFuture and SharedBytes locks; this process has no futures yet
+    _AsyncContextWrapper.EXECUTOR_LOCK = multiprocessing.Lock()
+
+
 def _run_module_as_peer(module: str, argv: list[str], env: dict[str, str], log_path: str) -> None:
     """Body of a forked peer: behave like ``python -m module *argv`` in a new session, output going to ``log_path``."""
     os.setsid()  # its own session and process group, like ``Popen(start_new_session=True)``
@@ -56,6 +74,7 @@ def _run_module_as_peer(module: str, argv: list[str], env: dict[str, str], log_p
     # a forkserver child inherits "forkserver" as its default start method; hivemind's DHT and averagers expect the
     # platform default of a fresh interpreter, so restore it
     multiprocessing.set_start_method(_DEFAULT_START_METHOD, force=True)
+    _unshare_hivemind_locks()
     os.environ.clear()
     os.environ.update(env)
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
@@ -122,6 +141,15 @@ def start_module(
         )
 
 
+def _run_quietly(command: list[str], timeout: float = 30.0) -> str:
+    """A diagnostic command's output (stdout and stderr), or why it could not run; never raises."""
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"({command[0]} failed: {error})"
+    return (result.stdout + result.stderr).strip()
+
+
 class LocalSwarm:
     """Launches ``python -m lightning_moshpit.testing.peer`` processes that form one swarm on loopback.
 
@@ -171,22 +199,16 @@ class LocalSwarm:
         log_path = self.workdir / f"peer{index}.log"
         self.processes.append(start_module(module, argv, env, log_path, self.fast_start))
         return index
-        log = open(log_path, "wb")
-        self._logs.append(log)
-        self.processes.append(
-            subprocess.Popen(
-                [sys.executable, "-m", module, *argv], env=env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        )
-        return index
 
     def wait_for_bootstrap(self, timeout: float = 60.0) -> str:
         """The bootstrap peer's multiaddrs, once it has written them."""
         deadline = time.monotonic() + timeout
         while not self.address_file.exists():
             if time.monotonic() > deadline:
-                raise TimeoutError(f"bootstrap peer wrote no address within {timeout} s; see {self.workdir}/peer0.log")
+                bootstrap = self.bootstrap_index
+                raise TimeoutError(
+                    f"bootstrap peer {bootstrap} wrote no address within {timeout} s:\n{self.diagnose(bootstrap)}"
+                )
             bootstrap = self.bootstrap_index
             if bootstrap < len(self.processes) and self.processes[bootstrap].poll() is not None:
                 raise RuntimeError(f"bootstrap peer exited early: {self.log(bootstrap)[-3000:]}")
@@ -207,9 +229,7 @@ class LocalSwarm:
             try:
                 codes.append(process.wait(timeout=max(0.1, deadline - time.monotonic())))
             except subprocess.TimeoutExpired:
-                raise TimeoutError(
-                    f"peer {index} still running after {timeout} s:\n{self.log(index)[-3000:]}"
-                ) from None
+                raise TimeoutError(f"peer {index} still running after {timeout} s:\n{self.diagnose(index)}") from None
         return codes
 
     def wait_for_global_step(self, progress_file: Path, step: int, timeout: float) -> int:
@@ -229,6 +249,26 @@ class LocalSwarm:
     def exit_codes(self) -> list[Optional[int]]:
         """Each peer's exit code so far (``None`` while it runs; negative: killed by that signal)."""
         return [process.poll() for process in self.processes]
+
+    def diagnose(self, index: int, log_chars: int = 3000) -> str:
+        """Why is peer ``index`` not done? The end of its log, every process of its session as ``ps`` sees it (state,
+        CPU time), and the Python stacks of those processes (``py-spy dump``, when py-spy is installed and may attach).
+
+        Written for failures that only happen on a CI machine, where the peer's files are gone after the run.
+        """
+        process = self.processes[index]
+        parts = [f"--- peer {index} (pid {process.pid}) log, last {log_chars} characters ---", self.log(index)[-log_chars:]]
+        alive = Path(f"/proc/{process.pid}").exists()
+        parts.append(f"--- peer {index}: reported exit code {process.poll()}, /proc entry {'present' if alive else 'gone'} ---")
+        listing = _run_quietly(["ps", "-o", "pid=,ppid=,stat=,etime=,time=,args=", "--sid", str(process.pid)])
+        parts += ["--- processes of its session (pid ppid stat elapsed cpu args) ---", listing]
+        py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        if Path(py_spy).exists():
+            for line in listing.splitlines():
+                fields = line.split(None, 5)
+                if len(fields) == 6 and ("python" in fields[5] or fields[0] == str(process.pid)):
+                    parts += [f"--- py-spy dump of {fields[0]} ---", _run_quietly([py_spy, "dump", "--pid", fields[0]])]
+        return "\n".join(parts)
 
     def leftover_processes(self, indices: Optional[Sequence[int]] = None) -> list[str]:
         """Command lines of processes still alive in the sessions of these peers (default: all of them), the peer's

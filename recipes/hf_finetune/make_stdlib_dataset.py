@@ -5,10 +5,11 @@ docstring comes from.
     # -> stdlib_docstrings/train.csv, val.csv, test.csv (columns: text, label, source)
 
 **How it is built.** For each of six module families below, the script imports the listed modules and takes the
-docstring of every public module, class, function and method defined there (C-implemented ones included) (``inspect.getdoc``). Each example is
-the docstring's first paragraph (its summary), whitespace collapsed, if it has at least 4 words; duplicates are
-dropped, and so are texts that appear in two families. The label is the family. Examples are split about 70 / 15 / 15 into
-train, val and test by a hash of the object's qualified name, so the split is the same on every run and machine with the same Python version (the texts come from the running Python; 3.11.7 gives 1,515
+docstring (``inspect.getdoc``) of every public module, class, function and method defined there, C-implemented ones
+included. Each example is the docstring's first paragraph (its summary), whitespace collapsed, if it has at least 4
+words; duplicates are dropped, and so are texts that appear in two families. The label is the family. A hash of the
+object's qualified name splits the examples about 70 / 15 / 15 into train, val and test, so the split is the same
+on every run and machine with the same Python version (the texts come from the running Python; 3.11.7 gives 1,515
 examples: 1,074 / 208 / 233).
 
 The split is by object, not by module: the test set holds unseen docstrings of modules the model also saw in

@@ -28,6 +28,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Data
 from transformers.optimization import get_linear_schedule_with_warmup
 
 import lightning_moshpit  # noqa: F401  (registers the "moshpit" strategy names)
+from lightning_moshpit.callbacks import EditableTraining, evaluate_edits
 from lightning_moshpit.lightning_cli import SwarmCLI
 
 HERE = Path(__file__).resolve().parent
@@ -208,6 +209,9 @@ class FinetuneCLI(SwarmCLI):
         parser.link_arguments("data.labels", "model.labels", apply_on="instantiate")
         parser.add_argument("--report", type=Optional[str], default=None,
                             help="write the accuracies before and after fine-tuning to this JSON file")  # fmt: skip
+        parser.add_argument("--edits", type=int, default=20,
+                            help="with --editable: after fit, try this many random wrong-label edits of held-out "
+                                 "texts and print success rate, mean editor steps and drawdown")  # fmt: skip
 
     def held_out_accuracy(self) -> float:
         """Accuracy on the test file (else the val file), with a plain one-device Trainer: no swarm involved."""
@@ -223,11 +227,40 @@ class FinetuneCLI(SwarmCLI):
     def after_fit(self) -> None:
         accuracy = self.held_out_accuracy()
         print(f"[hf_finetune] held-out accuracy after fine-tuning: {accuracy:.4f}", flush=True)
-        report = self.config[self.subcommand].get("report")
-        if report:
-            path = Path(report.replace("{peer}", os.environ.get("MOSHPIT_PEER_INDEX", "0")))
-            path.write_text(json.dumps({"accuracy_before": self.accuracy_before, "accuracy_after": accuracy,
-                                        "global_step": getattr(self.trainer.strategy, "global_step", None)}))
+        report: dict[str, Any] = {"accuracy_before": self.accuracy_before, "accuracy_after": accuracy,
+                                  "global_step": getattr(self.trainer.strategy, "global_step", None)}  # fmt: skip
+        editable = next((cb for cb in self.trainer.callbacks if isinstance(cb, EditableTraining)), None)
+        config = self.config[self.subcommand]
+        if editable is not None and config.get("edits", 0) > 0:
+            report["edits"] = self.try_edits(editable, config["edits"])
+        path = config.get("report")
+        if path:
+            Path(path.replace("{peer}", os.environ.get("MOSHPIT_PEER_INDEX", "0"))).write_text(json.dumps(report))
+
+    def try_edits(self, callback: EditableTraining, count: int) -> dict[str, float]:
+        """Edit ``count`` random held-out texts to a random wrong label, each on the unedited model, as the callback
+        would (its parameters, editor and step limit), and measure success, steps and drawdown on the held-out set."""
+        loader = self.datamodule.test_dataloader()
+        texts = [example for batch in loader for example in _unbatch(batch)]
+        generator = torch.Generator().manual_seed(0)
+        num_classes = len(self.datamodule.labels)
+        edits = []
+        for index in torch.randint(len(texts), (count,), generator=generator).tolist():
+            example = dict(texts[index])
+            wrong = (example.pop("labels") + torch.randint(1, num_classes, (1,), generator=generator)) % num_classes
+            edits.append(({k: v[None] for k, v in example.items()}, wrong))
+        result = evaluate_edits(self.model.cpu().eval(), loader, edits, editable=callback.editable,
+                                editor=callback.editor, max_steps=callback.max_steps)  # fmt: skip
+        print(f"[hf_finetune] {count} edits of {callback.editable}: success rate {result.success_rate:.2%}, "
+              f"mean editor steps {result.mean_steps:.2f}, drawdown {result.drawdown:.2%} "
+              f"(base error {result.base_error:.2%})", flush=True)  # fmt: skip
+        return {"success_rate": result.success_rate, "mean_steps": result.mean_steps, "drawdown": result.drawdown}
+
+
+def _unbatch(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """One dict per example, padding removed (edits run on one text at a time)."""
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    return [{k: (v[i, :n] if v.dim() == 2 else v[i]) for k, v in batch.items()} for i, n in enumerate(lengths)]
 
 
 def main() -> None:

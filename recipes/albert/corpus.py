@@ -22,10 +22,12 @@ import random
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
                   "mask_token": "[MASK]"}  # fmt: skip
@@ -121,14 +123,13 @@ def split_sentences(document: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer
-def train_tokenizer(documents: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A SentencePiece-style BPE tokenizer trained with the ``tokenizers`` library.
+def train_tokenizer(documents: Iterable[str], vocab_size: int) -> Tokenizer:
+    """A SentencePiece-style BPE tokenizer (a ``tokenizers.Tokenizer``) trained on ``documents``.
 
     NFKC normalisation, lower case (as ALBERT's uncased models), ``▁`` marking word starts (SentencePiece's
     Metaspace), and the special tokens ALBERT's collators expect. ALBERT itself used a SentencePiece *Unigram*
     model; ``tokenizers``' Unigram trainer gave a different vocabulary on every run here (even single-threaded),
-    while its BPE trainer is deterministic, which peers that train their own tokenizer need. The result is a
-    transformers fast tokenizer, so ``save_pretrained`` and the data collators work as with any hub tokenizer.
+    while its BPE trainer is deterministic, which peers that train their own tokenizer need.
     """
     tokenizer = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
     tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
@@ -136,6 +137,13 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int) -> PreTrainedToke
     tokenizer.decoder = decoders.Metaspace()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()))
     tokenizer.train_from_iterator(documents, trainer=trainer)
+    return tokenizer
+
+
+def as_transformers_tokenizer(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
+    """Wrap a ``tokenizers.Tokenizer`` as a transformers fast tokenizer, so the data collators work with it."""
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
 
 
@@ -148,21 +156,23 @@ def load_or_train_tokenizer(
     peer reuses it. Training is deterministic, so peers that train on the same corpus get the same tokenizer; for
     a real run, train it once and hand everybody the file (``--data.tokenizer path/tokenizer.json``).
     """
+    from transformers import AutoTokenizer
+
     if name:
         path = Path(name).expanduser()
         if path.is_file():
-            return PreTrainedTokenizerFast(tokenizer_file=str(path), **SPECIAL_TOKENS)
+            return as_transformers_tokenizer(Tokenizer.from_file(str(path)))
         return AutoTokenizer.from_pretrained(name)
     digest = hashlib.sha256(f"{vocab_size}\0".encode() + "\0".join(documents).encode()).hexdigest()[:16]
     cached = cache_dir / f"bpe-{vocab_size}-{digest}" / "tokenizer.json"
     if cached.is_file():
-        return PreTrainedTokenizerFast(tokenizer_file=str(cached), **SPECIAL_TOKENS)
+        return as_transformers_tokenizer(Tokenizer.from_file(str(cached)))
     tokenizer = train_tokenizer(documents, vocab_size)
     cached.parent.mkdir(parents=True, exist_ok=True)
     temporary = cached.with_name(f"tokenizer.{os.getpid()}.json")
-    tokenizer.backend_tokenizer.save(str(temporary))
+    tokenizer.save(str(temporary))
     os.replace(temporary, cached)  # atomic: a peer starting at the same moment reads a whole file or none
-    return tokenizer
+    return as_transformers_tokenizer(tokenizer)
 
 
 # ------------------------------------------------------------------------------------------------ examples

@@ -212,7 +212,7 @@ class AlbertCLI(SwarmCLI):
 def main() -> None:
     torch.set_num_threads(int(os.environ.get("RECIPE_NUM_THREADS", "1")))  # peers often share a machine's cores
     AlbertCLI(AlbertPretraining, PretrainingData, shorthands={"--tiny": HERE / "configs" / "tiny.yaml"},
-              default_config=HERE / "configs" / "full.yaml", save_config_kwargs={"overwrite": True})  # fmt: skip
+              default_config=HERE / "configs" / "full.yaml", save_config_callback=None)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -267,7 +267,7 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("RECIPE_NUM_THREADS", "1")))  # peers often share a machine's cores
     shorthands = {"--tiny": HERE / "configs" / "tiny.yaml", "--editable": EDITABLE_ARGS}
     FinetuneCLI(SequenceClassifier, TextClassificationData, shorthands=shorthands,
-                default_config=HERE / "configs" / "full.yaml", save_config_kwargs={"overwrite": True})  # fmt: skip
+                default_config=HERE / "configs" / "full.yaml", save_config_callback=None)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -88,4 +88,4 @@ def test_two_local_peers_pretrain_tiny_albert_and_the_loss_falls(tmp_path: Path)
         assert max(row["peers"] for row in rows) == 2, rows
         assert all(math.isfinite(loss) for loss in losses), losses
         first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
-        assert last < first - 0.5, f"peer {peer}: loss did not fall: {losses}"
+        assert last < first - 0.25, f"peer {peer}: loss did not fall: {losses}"

@@ -39,7 +39,7 @@ class PretrainingData(L.LightningDataModule):
     """ALBERT pretraining batches from text files, a Hugging Face dataset, or the docstrings of Python's stdlib.
 
     Exactly one source is used: ``text_files``, else ``dataset_name``, else (``stdlib_docstrings=True``) the
-    built-in offline corpus. Without ``tokenizer`` a Unigram tokenizer is trained on the corpus with the
+    built-in offline corpus. Without ``tokenizer`` a BPE tokenizer is trained on the corpus with the
     ``tokenizers`` library (see ``corpus.py``); the model's vocabulary size follows it.
 
     Args:

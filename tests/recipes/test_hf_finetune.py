@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("transformers", reason="the recipes need the `recipes` extra: pip install -e '.[recipes]'")
 
@@ -63,7 +64,9 @@ def save_tiny_bert(folder: Path) -> None:
     tokenizer.save_pretrained(folder)
     config = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64, num_labels=2)  # fmt: skip
-    BertForSequenceClassification(config).save_pretrained(folder)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        BertForSequenceClassification(config).save_pretrained(folder)
 
 
 def test_stdlib_dataset_has_six_families_in_disjoint_stable_splits(tmp_path: Path) -> None:

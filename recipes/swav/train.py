@@ -30,7 +30,7 @@ from typing import Any, Optional
 import lightning as L
 import timm
 import torch
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from multicrop import ImageFolderData
 from swav import FeatureQueue, SwAVHead, swav_loss
 from swav_callbacks import LinearProbe, SwarmProgress, swarm_global_step
@@ -167,6 +167,15 @@ class SwAV(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, factors), "interval": "step"}}
 
 
+class SaveConfigBesideLogs(SaveConfigCallback):
+    """Save the run's full config in the logger's folder; a run without a logger (the tiny preset) saves none,
+    instead of writing ``config.yaml`` into the working directory."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.logger is not None:
+            super().setup(trainer, pl_module, stage)
+
+
 class SwAVCLI(LightningCLI):
     """LightningCLI with the recipe's extras: ``--threads``, ``--progress.*`` and ``--probe.*``."""
 
@@ -210,6 +219,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         ImageFolderData,
         seed_everything_default=0,  # the same initial weights on every peer
         parser_kwargs={"fit": {"default_config_files": [str(FULL_CONFIG)]}},
+        save_config_callback=SaveConfigBesideLogs,
         save_config_kwargs={"overwrite": True},
     )
 

@@ -18,7 +18,6 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import MulticlassAccuracy
@@ -47,6 +46,7 @@ class SwarmProgress(L.Callback):
         self.every, self.history_file, self.command = every, history_file, command
         self.losses: dict[int, list[float]] = defaultdict(list)
         self.started: Optional[float] = None
+        self._step_at_batch_start = 0
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         strategy = trainer.strategy
@@ -117,7 +117,7 @@ class LinearProbe(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.enabled and self.baseline:
             self.results["baseline_accuracy"] = self.evaluate(trainer, pl_module)
-            rank_zero_info(f"[swav] linear probe, randomly initialised backbone: {self.results['baseline_accuracy']:.3f}")
+            print(f"[swav] linear probe, randomly initialised backbone: {self.results['baseline_accuracy']:.3f}", flush=True)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled:

@@ -57,11 +57,18 @@ ARGUMENTS: dict[str, tuple[st.SearchStrategy, st.SearchStrategy]] = {
     "identity_path": (st.sampled_from([None, "/tmp/peer.key"]), st.one_of(st.integers(), st.booleans())),
 }
 
+def _not_a_positive_int(text: str) -> bool:
+    """What ``int()`` refuses or makes <= 0 (``"²".isdigit()`` is true, yet ``int("²")`` fails; ``int("1_0")`` is 10)."""
+    try:
+        return int(text) <= 0
+    except ValueError:
+        return True
+
+
 #: Environment variables: (name, values that must be accepted, values that must be refused).
 ENVIRONMENT = {
     "MOSHPIT_TARGET_BATCH_SIZE": (st.integers(1, 10**6).map(str),
-                                  st.text(min_size=1, max_size=5).filter(lambda s: not s.strip().isdigit()
-                                                                         or int(s) <= 0)),
+                                  st.text(min_size=1, max_size=5).filter(_not_a_positive_int)),
     "MOSHPIT_RUN_ID": (st.from_regex(RUN_ID, fullmatch=True),
                        st.text(min_size=1, max_size=8).filter(lambda s: s.strip() and not RUN_ID.match(s))),
     "MOSHPIT_INITIAL_PEERS": (st.sampled_from([MADDR, f"{MADDR},{MADDR}"]), NOT_A_MADDR),

@@ -28,6 +28,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Data
 from transformers.optimization import get_linear_schedule_with_warmup
 
 import lightning_moshpit  # noqa: F401  (registers the "moshpit" strategy names)
+from lightning_moshpit import MoshpitStrategy
 from lightning_moshpit.callbacks import EditableTraining, evaluate_edits
 from lightning_moshpit.lightning_cli import SwarmCLI
 
@@ -220,6 +221,10 @@ class FinetuneCLI(SwarmCLI):
         return float(evaluator.test(self.model, datamodule=self.datamodule, verbose=False)[0]["test_acc"])
 
     def before_fit(self) -> None:
+        if isinstance(self.trainer.strategy, MoshpitStrategy):
+            # Join (or start) the swarm first: measured here, a peer that reached the bootstrap peer of
+            # `lightning-moshpit local` only after about 45 s (the evaluation below takes a while) was refused.
+            self.trainer.strategy.dht  # noqa: B018  (starting the DHT is the point)
         self.accuracy_before = self.held_out_accuracy()
         print(f"[hf_finetune] held-out accuracy before fine-tuning: {self.accuracy_before:.4f}", flush=True)
         super().before_fit()

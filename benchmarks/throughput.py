@@ -20,7 +20,7 @@ a pessimistic estimate for CPU-bound peers. One process alone (**solo x1**) is p
 Each process's rate is measured over the span in which every process of the run was past warm-up (one global step,
 at least 2 batches) and none had finished, so all of them shared the CPU for the whole span.
 
-    python benchmarks/throughput.py                      # 4 peers, R = 4 16 32 64: about 10 min on 2 cores
+    python benchmarks/throughput.py                      # 4 peers, R = 4 16 32 64: about 15 min on 2 cores
     python benchmarks/throughput.py --peers 2 --ratios 8 32 --global-steps 8 --width 64    # scale up or down
 
 Wrap it in ``flock /tmp/swarm.lock`` on a machine shared with other multi-peer runs.

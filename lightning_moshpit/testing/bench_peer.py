@@ -47,7 +47,7 @@ def synthetic_cnn(width: int) -> nn.Sequential:
 
 
 def digits_cnn(width: int) -> nn.Sequential:
-    """Two 3x3 conv layers and a 2x2 pool on 1x8x8 digits, then a linear head (about 20k parameters at width 16)."""
+    """Two 3x3 conv layers and a 2x2 pool on 1x8x8 digits, then a linear head (about 10k parameters at width 16)."""
     return nn.Sequential(
         nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
         nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),

@@ -328,7 +328,7 @@ def cmd_aux(args: argparse.Namespace) -> int:
 
 def cmd_local(args: argparse.Namespace) -> int:
     """Start a loopback bootstrap DHT, run N copies of the command joined to it, stop everything at the end."""
-    from lightning_moshpit.launcher import LocalLauncher
+    from lightning_moshpit.launcher import LocalBootstrap, LocalLauncher
 
     command = list(args.command)
     if not command:
@@ -336,31 +336,23 @@ def cmd_local(args: argparse.Namespace) -> int:
     run_id = swarm.resolve_run_id(args.run_id)
     joined = swarm.parse_maddrs(args.initial_peers, "--initial-peers")
     with _stop_on_signals() as stop:
-        dht = None
+        bootstrap = None
         if not joined:  # our own bootstrap DHT, so that every peer is equal and any may leave first
-            dht = swarm.start_dht(
-                initial_peers=[],
-                host_maddrs=[LOOPBACK],
-                announce_maddrs=[],
-                client_mode=False,
-                identity_path=None,
-                startup_timeout=args.startup_timeout,
-                swarm_secret=resolve_swarm_secret(None),
-            )
+            bootstrap = LocalBootstrap(args.startup_timeout, resolve_swarm_secret(None), say=lambda m: _print(f"[local] {m}"))
         try:
-            addresses = joined or swarm.visible_addresses(dht)
+            addresses = joined or bootstrap.start()
             _print(f"[local] run_id={run_id}; {args.num_peers} peers join through {','.join(addresses)}")
             launcher = LocalLauncher(args.num_peers, command, addresses, run_id, grace=args.grace)
             try:
                 launcher.start()
-                code = launcher.wait(stop)
+                code = launcher.wait(stop, on_poll=bootstrap.keep_alive if bootstrap is not None else None)
             finally:
                 launcher.stop()  # also on errors: no peer outlives the launcher
             _print(f"[local] done: exit code {code}")
             return code
         finally:
-            if dht is not None:
-                dht.shutdown()
+            if bootstrap is not None:
+                bootstrap.shutdown()
 
 
 # ------------------------------------------------------------------------------------------------------------ parser

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Optional
@@ -18,37 +19,36 @@ REPO = Path(__file__).resolve().parents[1]
 PEER = ["-m", "lightning_moshpit.testing.peer"]
 
 
-#: Session ids of the commands these helpers started (each runs in its own session, with its p2pd).
-STARTED_SESSIONS: set[int] = set()
+#: Every process this test run starts inherits this variable, p2pd daemons included (hivemind hands its environment
+#: to the daemon), so the leftover check can tell this run's daemons from those of other runs on the same machine.
+TEST_RUN_VARIABLE = "LIGHTNING_MOSHPIT_TEST_RUN"
+os.environ.setdefault(TEST_RUN_VARIABLE, uuid.uuid4().hex)
+
+
+def p2pd_pids() -> set[int]:
+    """PIDs of every running hivemind p2pd daemon on this machine (hivemind ships the binary as hivemind_cli/p2pd)."""
+    result = subprocess.run(["pgrep", "-f", "hivemind_cli/p2pd"], capture_output=True, text=True)
+    return {int(pid) for pid in result.stdout.split()}
 
 
 def own_p2pd_pids() -> set[int]:
-    """p2pd daemons started by this test process or by commands it launched, and no one else's.
+    """The p2pd daemons started by this test run (this process or anything it launched), and no one else's.
 
-    The suite's shared ``no_leftover_p2pd`` fixture counts (and kills) every new p2pd on the machine, which also hits
-    peers that another test run starts at the same time; the CLI tests narrow it to their own sessions.
+    A daemon belongs to this run when its environment holds this run's :data:`TEST_RUN_VARIABLE`. That also finds a
+    daemon whose peer process died and left it to init, which a walk up the process tree would miss. Counting every
+    p2pd on the machine instead (as this check once did) killed the daemons of other test runs and of
+    ``lightning-moshpit local`` runs sharing the machine: their peers then failed with "failed to connect to bootstrap
+    peers".
     """
-    result = subprocess.run(["ps", "-eo", "pid=,ppid=,sid=,args="], capture_output=True, text=True)
-    parents, sessions, daemons = {}, {}, []
-    for line in result.stdout.splitlines():
-        fields = line.split(None, 3)
-        if len(fields) < 4:
-            continue
-        pid, ppid, sid = int(fields[0]), int(fields[1]), int(fields[2])
-        parents[pid], sessions[pid] = ppid, sid
-        if "hivemind_cli/p2pd" in fields[3]:
-            daemons.append(pid)
+    tag = f"{TEST_RUN_VARIABLE}={os.environ[TEST_RUN_VARIABLE]}".encode()
     pids = set()
-    for pid in daemons:
-        if sessions[pid] in STARTED_SESSIONS:
-            pids.add(pid)
+    for pid in p2pd_pids():
+        try:
+            environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:  # gone already, or another user's process
             continue
-        ancestor = parents.get(pid)
-        while ancestor and ancestor != 1:  # a daemon of a DHT this test process started
-            if ancestor == os.getpid():
-                pids.add(pid)
-                break
-            ancestor = parents.get(ancestor)
+        if tag in environment:
+            pids.add(pid)
     return pids
 
 
@@ -93,7 +93,6 @@ class CliProcess:
             self.args, cwd=cwd, env=cli_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
-        STARTED_SESSIONS.add(self.process.pid)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -142,7 +141,7 @@ class CliProcess:
 
     def leftover_processes(self) -> list[str]:
         """Live processes left in the command's session (its DHT process, p2pd, peers)."""
-        result = subprocess.run(["ps", "-o", "pid=,stat=,args=", "--sid", str(self.process.pid)],
+        result = subprocess.run(["ps", "-ww", "-o", "pid=,stat=,args=", "--sid", str(self.process.pid)],
                                 capture_output=True, text=True)  # fmt: skip
         alive = []
         for line in result.stdout.splitlines():

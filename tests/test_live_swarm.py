@@ -20,12 +20,11 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
 import pytest
-from cli_helpers import PEER, REPO, CliProcess, check_no_leftover_p2pd, run_cli
+from cli_helpers import PEER, REPO, CliProcess, run_cli
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -36,12 +35,6 @@ LOCAL_STEPS = 60
 SETTINGS = ["--matchmaking-time", "1.0", "--averaging-timeout", "10"]
 MODEL = "lightning_moshpit.testing.peer:TinyClassifier"
 CHECKPOINT_EVERY = 5
-
-
-@pytest.fixture(autouse=True)
-def no_leftover_p2pd() -> Iterator[None]:
-    """Overrides the suite's check: count only this test's own p2pd daemons (other test runs may share the machine)."""
-    yield from check_no_leftover_p2pd()
 
 
 def _get_json(url: str) -> dict:

@@ -7,7 +7,6 @@ import json
 import math
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,18 +14,12 @@ import pytest
 pytest.importorskip("transformers", reason="the recipes need the `recipes` extra: pip install -e '.[recipes]'")
 pytest.importorskip("timm", reason="the recipes need the `recipes` extra: pip install -e '.[recipes]'")
 
-from cli_helpers import check_no_leftover_p2pd, run_cli  # noqa: E402
+from cli_helpers import run_cli  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "albert"
 sys.path.insert(0, str(RECIPE))
 import corpus  # noqa: E402  (recipes/albert/corpus.py)
-
-
-@pytest.fixture(autouse=True)
-def no_leftover_p2pd() -> Iterator[None]:
-    """Count only this test's own p2pd daemons (other test runs may share the machine)."""
-    yield from check_no_leftover_p2pd()
 
 
 def test_sentence_order_examples_are_two_consecutive_segments_swapped_half_the_time() -> None:

@@ -8,7 +8,6 @@ import json
 import math
 import random
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import torch
 
 pytest.importorskip("transformers", reason="the recipes need the `recipes` extra: pip install -e '.[recipes]'")
 
-from cli_helpers import check_no_leftover_p2pd, run_cli  # noqa: E402
+from cli_helpers import run_cli  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "hf_finetune"
@@ -29,12 +28,6 @@ TOPICS = {
     "cooking": "bake boil salt pepper oven pan knife fry sugar flour".split(),
 }
 FILLER = "the a of and it is was very today then".split()
-
-
-@pytest.fixture(autouse=True)
-def no_leftover_p2pd() -> Iterator[None]:
-    """Count only this test's own p2pd daemons (other test runs may share the machine)."""
-    yield from check_no_leftover_p2pd()
 
 
 def write_texts(path: Path, count: int, seed: int) -> None:

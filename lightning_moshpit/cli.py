@@ -87,11 +87,6 @@ def _stop_on_signals() -> Iterator[StopFlag]:
             signal.signal(sig, old)
 
 
-def join_command(addresses: Sequence[str], run_id: str, program: str = "python train.py") -> str:
-    """The shell line a newcomer runs to join: ``MOSHPIT_RUN_ID=... MOSHPIT_INITIAL_PEERS=... python train.py``."""
-    return f"{swarm.ENV_RUN_ID}={run_id} {swarm.ENV_INITIAL_PEERS}={','.join(addresses)} {program}"
-
-
 def _print(*lines: str) -> None:
     for line in lines:
         print(line, flush=True)
@@ -128,7 +123,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         monitor, server = None, None
         try:
             addresses = swarm.visible_addresses(dht)
-            command = join_command(addresses, run_id)
+            command = swarm.join_command(addresses, run_id)
             _print(
                 f"[moshpit] bootstrap peer {dht.peer_id} is up for run_id={run_id}",
                 f"{swarm.ENV_INITIAL_PEERS}={','.join(addresses)}",
@@ -279,7 +274,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         dht = _client_dht(initial_peers, args.timeout)
         try:
             monitor = SwarmMonitor(dht, run_id, period=args.period, target_batch_size=args.target_batch_size)
-            server = DashboardServer(monitor, join_command=join_command(initial_peers, run_id), port=args.port)
+            server = DashboardServer(monitor, join_command=swarm.join_command(initial_peers, run_id), port=args.port)
             try:
                 server.start()
                 monitor.start()

@@ -6,8 +6,9 @@ hyperparameter is settable from the command line or YAML. Three things a swarm s
 - **Shorthand flags.** ``SwarmCLI(..., shorthands={"--tiny": Path("configs/tiny.yaml")})`` makes ``fit --tiny``
   mean ``fit --config configs/tiny.yaml``; a shorthand can also stand for a list of arguments. Arguments written
   on the command line still override what a shorthand sets.
-- **The join command.** A peer that starts a new swarm prints the command a newcomer runs, with *this* script and
-  *these* arguments (the strategy's own log line can only say ``python <your script>``).
+- **The join command.** A peer that starts a new swarm logs the command a newcomer runs. SwarmCLI hands the strategy
+  *this* script with *these* arguments (``MoshpitStrategy.join_command``), so that one line can be pasted as it is,
+  instead of the placeholder ``python <your script>``.
 - **Global steps.** Lightning's ``max_steps`` and ``trainer.global_step`` count *local* batches, which differ from
   peer to peer. :class:`SwarmProgress` (always added, as ``--progress.*``) prints one line per *swarm* step, can
   stop every peer at the same global step and writes the history as JSON lines for plots and tests.
@@ -27,7 +28,6 @@ from typing import Any, Optional, Union
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_moshpit import swarm
 from lightning_moshpit.strategy import MoshpitStrategy
 
 #: The LightningCLI subcommands after which a shorthand's arguments are inserted.
@@ -59,18 +59,6 @@ def this_command(argv: Optional[Sequence[str]] = None) -> str:
     """The shell command that started this process, as a newcomer types it (``python path/train.py fit ...``)."""
     argv = list(sys.argv if argv is None else argv)
     return shlex.join(["python", *argv])
-
-
-def join_hint(strategy: MoshpitStrategy, command: str) -> str:
-    """``MOSHPIT_RUN_ID=... MOSHPIT_INITIAL_PEERS=... [MOSHPIT_TARGET_BATCH_SIZE=...] <command>``.
-
-    The target batch size is included when it came from the environment, since the newcomer needs the same value.
-    The swarm secret never is: pass it to newcomers another way.
-    """
-    prefix = [f"{swarm.ENV_RUN_ID}={strategy.run_id}", f"{swarm.ENV_INITIAL_PEERS}={','.join(strategy.peer_addresses)}"]
-    if os.environ.get(swarm.ENV_TARGET_BATCH_SIZE):
-        prefix.append(f"{swarm.ENV_TARGET_BATCH_SIZE}={strategy.target_batch_size}")
-    return " ".join([*prefix, command])
 
 
 class SwarmProgress(L.Callback):
@@ -192,8 +180,7 @@ class SwarmCLI(LightningCLI):
         parser.add_lightning_class_args(SwarmProgress, "progress")
 
     def before_fit(self) -> None:
-        """A peer that starts a new swarm prints how to join it, with this very command."""
+        """Hand the strategy this very command for its join line (unless ``join_command`` was configured)."""
         strategy = self.trainer.strategy
-        if isinstance(strategy, MoshpitStrategy) and not strategy.initial_peers:
-            print(f"[moshpit] started a new swarm. To join it from another machine, run:\n"
-                  f"  {join_hint(strategy, self.command)}", flush=True)  # fmt: skip
+        if isinstance(strategy, MoshpitStrategy) and strategy.join_command is None:
+            strategy.join_command = self.command

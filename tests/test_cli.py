@@ -19,7 +19,7 @@ from cli_helpers import TEST_RUN_VARIABLE, CliProcess, own_p2pd_pids, p2pd_pids,
 from hivemind.optim.progress_tracker import LocalTrainingProgress
 from hivemind.utils import get_dht_time
 
-from lightning_moshpit import cli
+from lightning_moshpit import cli, swarm
 from lightning_moshpit.monitor import MetricsPublisher, add_monitor_validators, progress_key, read_swarm
 
 torch.set_num_threads(1)
@@ -63,7 +63,7 @@ def _address(process: CliProcess) -> str:
 
 # ------------------------------------------------------------------------------------------------ pure functions
 def test_join_command_names_run_id_and_initial_peers() -> None:
-    line = cli.join_command(["/ip4/1.2.3.4/tcp/5/p2p/X", "/ip4/1.2.3.4/udp/5/p2p/X"], "my_run")
+    line = swarm.join_command(["/ip4/1.2.3.4/tcp/5/p2p/X", "/ip4/1.2.3.4/udp/5/p2p/X"], "my_run")
     assert line == "MOSHPIT_RUN_ID=my_run MOSHPIT_INITIAL_PEERS=/ip4/1.2.3.4/tcp/5/p2p/X,/ip4/1.2.3.4/udp/5/p2p/X python train.py"
 
 

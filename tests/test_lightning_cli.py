@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -11,7 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_moshpit.lightning_cli import SwarmProgress, expand_shorthands, this_command
+from lightning_moshpit import MoshpitStrategy, swarm
+from lightning_moshpit.lightning_cli import SwarmCLI, SwarmProgress, expand_shorthands, this_command
 
 
 def test_a_config_shorthand_goes_right_after_the_subcommand_so_arguments_override_it() -> None:
@@ -70,3 +72,29 @@ def test_swarm_progress_stops_at_the_global_step_and_writes_one_record_per_step(
 def test_swarm_progress_rejects_a_bad_step_count(bad: object) -> None:
     with pytest.raises(ValueError, match="max_global_steps"):
         SwarmProgress(max_global_steps=bad)  # type: ignore[arg-type]
+
+
+def test_swarm_cli_gives_the_strategy_this_command_for_its_one_join_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The strategy logs the only join line, with the script and arguments that started this peer, not the
+    placeholder ``python <your script>`` (a user pasted that one, and the shell refused its ``<``)."""
+    monkeypatch.setattr(sys, "argv", ["recipes/x/train.py"])
+    args = ["--trainer.strategy=lightning_moshpit.MoshpitStrategy", "--trainer.strategy.init_args.run_id=r1",
+            "--trainer.logger=false"]  # fmt: skip
+    cli = SwarmCLI(_Regression, args=args, run=False)
+    cli.before_fit()
+    assert isinstance(cli.trainer.strategy, MoshpitStrategy)
+    assert cli.trainer.strategy.join_command == cli.command == "python recipes/x/train.py " + " ".join(args)
+    hint = swarm.join_command_hint(["/ip4/127.0.0.1/tcp/1/p2p/X"], "r1", cli.trainer.strategy.join_command)
+    assert hint == f"To join this swarm: MOSHPIT_RUN_ID=r1 MOSHPIT_INITIAL_PEERS=/ip4/127.0.0.1/tcp/1/p2p/X {cli.command}"
+
+    configured = SwarmCLI(_Regression, args=[*args, "--trainer.strategy.init_args.join_command=python run.py"], run=False)
+    configured.before_fit()
+    assert configured.trainer.strategy.join_command == "python run.py"  # a configured command is kept
+
+
+def test_the_join_line_names_the_target_batch_size_only_when_it_came_from_the_environment() -> None:
+    line = swarm.join_command(["/ip4/127.0.0.1/tcp/1/p2p/X"], "r1", "python t.py", target_batch_size=64)
+    assert line == "MOSHPIT_RUN_ID=r1 MOSHPIT_INITIAL_PEERS=/ip4/127.0.0.1/tcp/1/p2p/X MOSHPIT_TARGET_BATCH_SIZE=64 python t.py"
+    assert swarm.join_command_hint([], "r1").endswith("python <your script>")
+    with pytest.raises(ValueError, match="`join_command` must be a non-empty shell command or None, got ' '"):
+        MoshpitStrategy(join_command=" ")

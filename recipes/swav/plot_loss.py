@@ -1,6 +1,6 @@
-"""Plot the loss histories that ``--progress.history_file`` wrote (one per peer) into one PNG.
+"""Plot the loss histories that ``--progress.history_path`` wrote (one JSON-lines file per peer) into one PNG.
 
-    python recipes/swav/plot_loss.py loss0.json loss1.json --out docs/figures/swav_tiny_loss.png
+    python recipes/swav/plot_loss.py loss0.jsonl loss1.jsonl --out docs/figures/swav_tiny_loss.png
 
 Needs matplotlib (the ``bench`` extra).
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("histories", nargs="+", type=Path, help="JSON files written by --progress.history_file")
+    parser.add_argument("histories", nargs="+", type=Path, help="JSON-lines files written by --progress.history_path")
     parser.add_argument("--out", type=Path, required=True, help="PNG to write")
     parser.add_argument("--title", default="SwAV tiny preset: training loss per global step")
     args = parser.parse_args()
@@ -26,8 +26,9 @@ def main() -> None:
 
     figure, axis = plt.subplots(figsize=(6, 3.5))
     for index, path in enumerate(args.histories):
-        history = json.loads(path.read_text())
-        axis.plot(history["global_step"], history["loss"], label=f"peer {index}")
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = [row for row in rows if row["batches"]]  # a global step this peer computed no batch in has no loss
+        axis.plot([row["global_step"] for row in rows], [row["loss"] for row in rows], label=f"peer {index}")
     axis.set_xlabel("global step (swarm optimizer steps)")
     axis.set_ylabel("SwAV loss (mean over the peer's batches)")
     axis.set_title(args.title, fontsize=10)

@@ -1,18 +1,15 @@
-"""Callbacks the recipe always adds (``--progress.*`` and ``--probe.*`` on the command line).
+"""The linear probe the recipe always adds (``--probe.*`` on the command line).
 
-- :class:`SwarmProgress` prints the exact command that joins this peer's swarm, a plain progress line every few
-  local steps, and can write the loss of every global step to a JSON file.
-- :class:`LinearProbe` measures how good the learned features are: after fit (and, for comparison, before), it
-  trains a linear classifier on frozen backbone features of the labelled probe split and reports its accuracy on the
-  held-out split with torchmetrics.
+The join line and the progress lines come from ``lightning_moshpit.lightning_cli`` (``--progress.*``).
+:class:`LinearProbe` measures how good the learned features are: after fit (and, for comparison, before), it trains
+a linear classifier on frozen backbone features of the labelled probe split and reports its accuracy on the held-out
+split with torchmetrics.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,66 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_moshpit import MoshpitStrategy
-from lightning_moshpit.swarm import join_command_hint
-
-
-def swarm_global_step(trainer: L.Trainer) -> int:
-    """The swarm's global optimizer step under ``MoshpitStrategy``; Lightning's step counter otherwise."""
-    strategy = trainer.strategy
-    return strategy.global_step if isinstance(strategy, MoshpitStrategy) else trainer.global_step
-
-
-class SwarmProgress(L.Callback):
-    """Join command, progress lines and the loss history of this peer.
-
-    Args:
-        every: Print one line every this many local steps (0: never).
-        history_file: Write ``{"global_step": [...], "loss": [...], ...}`` here after fit: this peer's mean training
-            loss over the local batches of each global step.
-        command: The command line this peer was started with, for the join hint (``train.py`` fills it in).
-    """
-
-    def __init__(self, every: int = 10, history_file: Optional[str] = None, command: Optional[str] = None) -> None:
-        self.every, self.history_file, self.command = every, history_file, command
-        self.losses: dict[int, list[float]] = defaultdict(list)
-        self.started: Optional[float] = None
-        self._step_at_batch_start = 0
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        strategy = trainer.strategy
-        if isinstance(strategy, MoshpitStrategy) and not strategy.initial_peers:
-            command = self.command or "python recipes/swav/train.py fit"
-            hint = join_command_hint(strategy.peer_addresses, strategy.run_id).replace("python <your script>", command)
-            print(f"[swav] started a new swarm. {hint}", flush=True)
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self.started is None:
-            self.started = time.monotonic()
-        self._step_at_batch_start = swarm_global_step(trainer)
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        loss = float(outputs["loss"])
-        self.losses[self._step_at_batch_start].append(loss)
-        if self.every and trainer.global_step % self.every == 0:
-            peers = getattr(trainer.strategy, "num_peers", 1)
-            elapsed = time.monotonic() - (self.started or time.monotonic())
-            print(f"[swav] local step {trainer.global_step:5d} | loss {loss:.4f} | peers {peers} | "
-                  f"global step {swarm_global_step(trainer)} | {elapsed:.0f} s", flush=True)  # fmt: skip
-
-    def history(self) -> dict[str, list]:
-        steps = sorted(self.losses)
-        return {
-            "global_step": steps,
-            "loss": [sum(self.losses[s]) / len(self.losses[s]) for s in steps],
-            "local_batches": [len(self.losses[s]) for s in steps],
-        }
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.history_file:
-            write_json(Path(self.history_file), self.history())
+from lightning_moshpit.lightning_cli import SwarmProgress
 
 
 class LinearProbe(L.Callback):
@@ -123,7 +61,7 @@ class LinearProbe(L.Callback):
         if not self.enabled:
             return
         self.results["accuracy"] = self.evaluate(trainer, pl_module)
-        self.results["global_step"] = swarm_global_step(trainer)
+        self.results["global_step"] = SwarmProgress.global_step(trainer)
         baseline = self.results.get("baseline_accuracy")
         versus = f" (randomly initialised backbone: {baseline:.3f})" if baseline is not None else ""
         print(f"[swav] linear probe held-out accuracy after {self.results['global_step']} global steps: "

@@ -6,21 +6,19 @@ Run one peer; it starts a swarm and prints the exact command that joins it::
     python recipes/swav/train.py fit --data.root /data/imagenet/train --data.heldout_root /data/imagenet/val
 
 ``configs/full.yaml`` (DeDLOC's ResNet-50 settings) is always read first; ``--tiny`` is short for
-``--config recipes/swav/configs/tiny.yaml``, which overrides it. Any other setting can be given on the command line
+``--config recipes/swav/configs/tiny.yaml``, which overrides it (``lightning_moshpit.lightning_cli.SwarmCLI``). Any other setting can be given on the command line
 (``--model.lr 1.2``, ``--trainer.strategy.init_args.target_batch_size 8192``, ...); ``--print_config`` shows them
 all. With ``MOSHPIT_INITIAL_PEERS`` (or ``--trainer.strategy.init_args.initial_peers``) the peer joins a swarm.
 Several peers on this machine: ``lightning-moshpit local 2 -- python recipes/swav/train.py fit --tiny``.
 
-The method itself is in ``swav.py``, the data in ``multicrop.py``, the progress lines and the linear probe in
-``swav_callbacks.py``; see README.md beside this file.
+The method itself is in ``swav.py``, the data in ``multicrop.py``, the linear probe in ``swav_callbacks.py``; the
+join line, the progress lines (``--progress.*``) and the shorthand come from ``lightning_moshpit.lightning_cli``. See
+README.md beside this file.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import shlex
-import sys
 import warnings
 from collections.abc import Sequence
 from functools import partial
@@ -30,14 +28,15 @@ from typing import Any, Optional
 import lightning as L
 import timm
 import torch
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, SaveConfigCallback
 from multicrop import ImageFolderData
 from swav import FeatureQueue, SwAVHead, swav_loss
-from swav_callbacks import LinearProbe, SwarmProgress, swarm_global_step
+from swav_callbacks import LinearProbe
 from timm.optim import Lars
 from torch.optim.lr_scheduler import LambdaLR
 
 import lightning_moshpit  # noqa: F401  (registers the "moshpit" strategy names)
+from lightning_moshpit.lightning_cli import SwarmCLI, SwarmProgress
 
 HERE = Path(__file__).resolve().parent
 FULL_CONFIG = HERE / "configs" / "full.yaml"
@@ -77,7 +76,8 @@ class SwAV(L.LightningModule):
         queue_start_step: Global step from which the (full) queue joins Sinkhorn.
         freeze_prototypes_steps: The prototypes do not move before this global step.
         lr, warmup_start_lr, final_lr, warmup_steps: LR schedule (see :func:`learning_rate`); ``lr`` is the peak.
-        max_global_steps: Length of the schedule; training stops there.
+        max_global_steps: Length of the schedule; training stops there (the CLI links it to
+            ``--progress.max_global_steps``, so every peer stops at the same global step).
         momentum, weight_decay, trust_coefficient: LARS (``timm.optim.Lars``, adapting every tensor as SwAV's LARC
             with ``clip=False``).
     """
@@ -134,7 +134,7 @@ class SwAV(L.LightningModule):
         embeddings, scores = self(batch)
         if hp.queue_length > 0 and self.queue is None:
             self.queue = FeatureQueue(len(hp.assign_views), hp.queue_length, hp.output_dim, device=self.device)
-        step = swarm_global_step(self.trainer)
+        step = SwarmProgress.global_step(self.trainer)
         loss = swav_loss(embeddings, scores, batch[0].shape[0], hp.assign_views, self.head.prototypes.weight,
                          hp.temperature, hp.epsilon, hp.sinkhorn_iterations, queue=self.queue,
                          use_queue=step >= hp.queue_start_step)  # fmt: skip
@@ -144,14 +144,10 @@ class SwAV(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # The frozen group's learning rate is 0 already; dropping its gradient also keeps momentum clean (SwAV sets
         # the gradient to None; hivemind accumulates every parameter's gradient, so zero it instead).
-        if swarm_global_step(self.trainer) < self.hparams.freeze_prototypes_steps:
+        if SwarmProgress.global_step(self.trainer) < self.hparams.freeze_prototypes_steps:
             grad = self.head.prototypes.weight.grad
             if grad is not None:
                 grad.zero_()
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if swarm_global_step(self.trainer) >= self.hparams.max_global_steps:
-            self.trainer.should_stop = True
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
@@ -176,17 +172,16 @@ class SaveConfigBesideLogs(SaveConfigCallback):
             super().setup(trainer, pl_module, stage)
 
 
-class SwAVCLI(LightningCLI):
-    """LightningCLI with the recipe's extras: ``--threads``, ``--progress.*`` and ``--probe.*``."""
-
-    launch_command: Optional[str] = None
+class SwAVCLI(SwarmCLI):
+    """SwarmCLI with the recipe's extras: ``--threads`` and the linear probe's ``--probe.*``."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        super().add_arguments_to_parser(parser)  # --progress.*
         parser.add_argument("--threads", type=Optional[int], default=None,
                             help="torch.set_num_threads for this peer (default: torch's choice)")  # fmt: skip
-        parser.add_lightning_class_args(SwarmProgress, "progress")
         parser.add_lightning_class_args(LinearProbe, "probe")
-        parser.set_defaults({"progress.command": self.launch_command})
+        # The LR schedule's length is where training ends: every peer stops at that global step.
+        parser.link_arguments("model.max_global_steps", "progress.max_global_steps")
 
     def before_instantiate_classes(self) -> None:
         threads = self.config.get(self.subcommand, self.config).get("threads")
@@ -194,31 +189,16 @@ class SwAVCLI(LightningCLI):
             torch.set_num_threads(threads)
 
 
-def expand_presets(argv: Sequence[str]) -> list[str]:
-    """``--tiny`` is short for ``--config <this folder>/configs/tiny.yaml``."""
-    expanded: list[str] = []
-    for arg in argv:
-        expanded.extend(["--config", str(TINY_CONFIG)] if arg == "--tiny" else [arg])
-    return expanded
-
-
-def launch_command(argv: Sequence[str]) -> str:
-    """How this peer was started (``python recipes/swav/train.py fit --tiny ...``), for the join hint."""
-    return " ".join(["python", os.path.relpath(argv[0]), *(shlex.quote(arg) for arg in argv[1:])])
-
-
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    argv = list(sys.argv if argv is None else argv)
+def main() -> None:
     # Validation is the linear probe after fit; hivemind's averagers run in their own processes.
     warnings.filterwarnings("ignore", message=".*`validation_step` .*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    SwAVCLI.launch_command = launch_command(argv)
-    sys.argv = [argv[0], *expand_presets(argv[1:])]  # LightningCLI reads sys.argv
     SwAVCLI(
         SwAV,
         ImageFolderData,
+        shorthands={"--tiny": TINY_CONFIG},
+        default_config=FULL_CONFIG,
         seed_everything_default=0,  # the same initial weights on every peer
-        parser_kwargs={"fit": {"default_config_files": [str(FULL_CONFIG)]}},
         save_config_callback=SaveConfigBesideLogs,
         save_config_kwargs={"overwrite": True},
     )

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +15,8 @@ import torch
 
 pytest.importorskip("timm", reason="the SwAV recipe needs the `recipes` extra: pip install -e '.[recipes]'")
 pytest.importorskip("torchvision", reason="the SwAV recipe needs torchvision (installed with timm)")
+
+from cli_helpers import run_cli  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "swav"
@@ -112,28 +111,18 @@ def test_tiny_preset_with_two_local_peers_lowers_the_loss(run_id: str, tmp_path:
     """``lightning-moshpit local 2 -- python recipes/swav/train.py fit --tiny``, as the README says, for 6 global
     steps: both peers exit 0, every loss is finite, and each peer's loss at the last global step is below its loss at
     the first; the linear probe reports an accuracy."""
-    command = [
-        sys.executable, "-m", "lightning_moshpit", "local", "2", "--run-id", run_id, "--",
-        sys.executable, str(RECIPE / "train.py"), "fit", "--tiny", "--model.max_global_steps", "6",
-        "--progress.history_file", str(tmp_path / "history{peer}.json"),
-        "--probe.baseline", "false", "--probe.report_file", str(tmp_path / "probe{peer}.json"),
-    ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MOSHPIT_")}
-    env.update(PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)  # fmt: skip
-    try:
-        output, _ = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)  # the launcher stops its peers on SIGTERM
-            process.communicate(timeout=30)
-    assert process.returncode == 0, output[-4000:]
+    result = run_cli(
+        ["local", "2", "--run-id", run_id, "--", sys.executable, str(RECIPE / "train.py"), "fit", "--tiny",
+         "--model.max_global_steps", "6", "--progress.history_path", str(tmp_path / "history{peer}.jsonl"),
+         "--probe.baseline", "false", "--probe.report_file", str(tmp_path / "probe{peer}.json")],
+        timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-6000:]
     for peer in range(2):
-        history = json.loads((tmp_path / f"history{peer}.json").read_text())
-        losses = history["loss"]
-        assert history["global_step"][-1] >= 5, history
-        assert all(math.isfinite(loss) for loss in losses), history
-        assert losses[-1] < losses[0], f"peer {peer}: loss did not fall: {history}"
+        rows = [json.loads(line) for line in (tmp_path / f"history{peer}.jsonl").read_text().splitlines()]
+        losses = [row["loss"] for row in rows if row["batches"]]
+        assert rows[-1]["global_step"] >= 5, rows
+        assert all(math.isfinite(loss) for loss in losses), rows
+        assert losses[-1] < losses[0], f"peer {peer}: loss did not fall: {rows}"
         probe = json.loads((tmp_path / f"probe{peer}.json").read_text())
         assert 0.0 <= probe["accuracy"] <= 1.0 and probe["global_step"] >= 6, probe

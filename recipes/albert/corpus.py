@@ -99,7 +99,7 @@ def hub_dataset_documents(name: str, config: Optional[str], split: str, column: 
     try:
         import datasets
     except ModuleNotFoundError as error:
-        raise ModuleNotFoundError(f"`dataset_name` needs the `datasets` package: pip install datasets ({error})") from None
+        raise ModuleNotFoundError(f"`dataset_name` needs the `datasets` package: pip install -e '.[hub]' or pip install datasets ({error})") from None
     rows = datasets.load_dataset(name, config, split=split)
     if column not in rows.column_names:
         raise ValueError(f"`text_column` is {column!r}, but dataset {name!r} has the columns {rows.column_names}")

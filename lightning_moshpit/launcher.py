@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import IO, Optional, Protocol
 
 import hivemind
+from hivemind.p2p import P2P
 from hivemind.utils.multiaddr import Multiaddr
 
 from lightning_moshpit import swarm
@@ -186,6 +187,7 @@ class LocalBootstrap:
         self.startup_timeout, self.swarm_secret, self.say = startup_timeout, swarm_secret, say
         self._scratch = tempfile.TemporaryDirectory(prefix="moshpit_local_")
         self._identity = os.path.join(self._scratch.name, "bootstrap.key")
+        P2P.generate_identity(self._identity)  # the key a restart reuses, so the peer id in the address stays
         self.dht: Optional[hivemind.DHT] = None
         self.addresses: list[str] = []
         self.port = 0

@@ -73,7 +73,10 @@ class SwarmProgress(L.Callback):
             Trainer's ``max_steps`` / ``max_epochs`` / ``max_time`` stop it).
         history_path: If set, append one JSON object per global step to this file: ``global_step``, ``loss`` (mean
             training loss of this peer's batches during that step), ``batches``, ``peers`` and ``seconds`` since
-            training began. ``{peer}`` in the path becomes ``$MOSHPIT_PEER_INDEX`` (set by ``lightning-moshpit
+            training began, and ``group_size``: the most peers a gradient-averaging round of this peer averaged with
+            (itself included) among the rounds that ended since the previous record; 0 when none succeeded (always
+            0 without a swarm). A test can assert from it that peers really averaged, not only saw each other.
+            ``{peer}`` in the path becomes ``$MOSHPIT_PEER_INDEX`` (set by ``lightning-moshpit
             local``), so local peers write separate files.
         print_every: Print every this many global steps (0: never).
     """
@@ -91,6 +94,7 @@ class SwarmProgress(L.Callback):
         self._losses: list[float] = []
         self._step: Optional[int] = None
         self._started = 0.0
+        self._rounds_seen = 0
 
     @staticmethod
     def global_step(trainer: L.Trainer) -> int:
@@ -102,6 +106,7 @@ class SwarmProgress(L.Callback):
         self._started = time.monotonic()  # after the start barrier: the clock shows training time only
         self._step = self.global_step(trainer)
         self._losses = []
+        self._rounds_seen = len(getattr(trainer.strategy, "averaging_rounds", []))
         if self.history_path is not None:
             self.history_path.parent.mkdir(parents=True, exist_ok=True)
             self.history_path.write_text("")
@@ -123,7 +128,10 @@ class SwarmProgress(L.Callback):
         """Close global step ``step``: the mean loss of this peer's batches while the swarm was at that step."""
         mean = sum(self._losses) / len(self._losses) if self._losses else float("nan")
         peers = getattr(trainer.strategy, "num_peers", 1)
-        row = {"global_step": step, "loss": mean, "batches": len(self._losses), "peers": peers,
+        rounds = getattr(trainer.strategy, "averaging_rounds", [])
+        group = max((r.group_size for r in rounds[self._rounds_seen :]), default=0)
+        self._rounds_seen = len(rounds)
+        row = {"global_step": step, "loss": mean, "batches": len(self._losses), "peers": peers, "group_size": group,
                "seconds": round(time.monotonic() - self._started, 3)}  # fmt: skip
         self.history.append(row)
         self._losses = []

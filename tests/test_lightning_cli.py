@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -64,7 +66,7 @@ def test_swarm_progress_stops_at_the_global_step_and_writes_one_record_per_step(
     assert trainer.global_step == 5
     rows = [json.loads(line) for line in (tmp_path / "h3.jsonl").read_text().splitlines()]
     assert [row["global_step"] for row in rows] == [0, 1, 2, 3, 4]
-    assert all(row["batches"] == 1 and row["peers"] == 1 for row in rows)
+    assert all(row["batches"] == 1 and row["peers"] == 1 and row["group_size"] == 0 for row in rows)
     assert rows == progress.history
 
 
@@ -98,3 +100,29 @@ def test_the_join_line_names_the_target_batch_size_only_when_it_came_from_the_en
     assert swarm.join_command_hint([], "r1").endswith("python <your script>")
     with pytest.raises(ValueError, match="`join_command` must be a non-empty shell command or None, got ' '"):
         MoshpitStrategy(join_command=" ")
+
+
+class _RegressionWithData(_Regression):
+    def train_dataloader(self) -> DataLoader:
+        x = torch.randn(64, 4)
+        return DataLoader(TensorDataset(x, x.sum(dim=1, keepdim=True)), batch_size=8)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_peer_that_starts_a_swarm_logs_one_join_line_with_its_own_command(
+    run_id: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """End to end: ``fit`` through SwarmCLI with a real (one-peer) swarm."""
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    args = ["fit", "--trainer.strategy=lightning_moshpit.MoshpitStrategy", f"--trainer.strategy.init_args.run_id={run_id}",
+            "--trainer.strategy.init_args.host_maddrs=[/ip4/127.0.0.1/tcp/0]",
+            "--trainer.strategy.init_args.target_batch_size=8", "--trainer.strategy.init_args.matchmaking_time=0.5",
+            "--trainer.strategy.init_args.averaging_timeout=5", "--progress.max_global_steps=1",
+            "--trainer.logger=false", "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false"]  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        SwarmCLI(_RegressionWithData, args=args, save_config_callback=None)
+    joins = [record.getMessage() for record in caplog.records if "To join this swarm" in record.getMessage()]
+    assert len(joins) == 1, caplog.text[-3000:]
+    assert joins[0].endswith(f" python train.py {shlex.join(args)}"), joins  # quoted for a shell: '[...]'
+    assert f"MOSHPIT_RUN_ID={run_id} MOSHPIT_INITIAL_PEERS=/ip4/127.0.0.1/tcp/" in joins[0]

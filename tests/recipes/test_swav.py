@@ -109,11 +109,13 @@ def test_synthetic_images_are_an_image_folder_and_the_same_for_the_same_seed(tmp
 @pytest.mark.timeout(150)
 def test_tiny_preset_with_two_local_peers_lowers_the_loss(run_id: str, tmp_path: Path) -> None:
     """``lightning-moshpit local 2 -- python recipes/swav/train.py fit --tiny``, as the README says, for 6 global
-    steps: both peers exit 0, every loss is finite, and each peer's loss at the last global step is below its loss at
-    the first; the linear probe reports an accuracy."""
+    steps of 64 images (the preset's 128 take about 8 s per global step here, compute-bound): both peers exit 0,
+    averaged with each other, every loss is finite, and each peer's mean loss over the last two global steps is below
+    its mean over the first two; the linear probe reports an accuracy."""
     result = run_cli(
         ["local", "2", "--run-id", run_id, "--", sys.executable, str(RECIPE / "train.py"), "fit", "--tiny",
-         "--model.max_global_steps", "6", "--progress.history_path", str(tmp_path / "history{peer}.jsonl"),
+         "--model.max_global_steps", "6", "--data.batch_size", "16", "--trainer.strategy.init_args.target_batch_size",
+         "64", "--progress.history_path", str(tmp_path / "history{peer}.jsonl"),
          "--probe.baseline", "false", "--probe.report_file", str(tmp_path / "probe{peer}.json")],
         timeout=120, cwd=tmp_path,
     )  # fmt: skip
@@ -122,7 +124,8 @@ def test_tiny_preset_with_two_local_peers_lowers_the_loss(run_id: str, tmp_path:
         rows = [json.loads(line) for line in (tmp_path / f"history{peer}.jsonl").read_text().splitlines()]
         losses = [row["loss"] for row in rows if row["batches"]]
         assert rows[-1]["global_step"] >= 5, rows
+        assert max(row["peers"] for row in rows) == 2, rows
         assert all(math.isfinite(loss) for loss in losses), rows
-        assert losses[-1] < losses[0], f"peer {peer}: loss did not fall: {rows}"
+        assert sum(losses[-2:]) < sum(losses[:2]), f"peer {peer}: loss did not fall: {rows}"
         probe = json.loads((tmp_path / f"probe{peer}.json").read_text())
         assert 0.0 <= probe["accuracy"] <= 1.0 and probe["global_step"] >= 6, probe

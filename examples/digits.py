@@ -46,7 +46,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 import lightning_moshpit  # noqa: F401  (importing registers the "moshpit" strategy names)
 from lightning_moshpit import MoshpitStrategy
-from lightning_moshpit.swarm import ENV_HOST_MADDRS, ENV_TARGET_BATCH_SIZE, join_command_hint
+from lightning_moshpit.swarm import ENV_HOST_MADDRS, ENV_TARGET_BATCH_SIZE
 
 NUM_CLASSES = 10
 NUM_FEATURES = 64  # 8 x 8 grey-level images
@@ -175,8 +175,8 @@ def announce_swarm(strategy: MoshpitStrategy, address_file: Optional[Path]) -> N
     if strategy.initial_peers:
         print(f"Joined swarm run_id={strategy.run_id} through {len(strategy.initial_peers)} address(es)", flush=True)
     else:
-        print(f"Started a new swarm (run_id={strategy.run_id}).", flush=True)
-        print(join_command_hint(addresses, strategy.run_id).replace("<your script>", this_command()), flush=True)
+        print(f"Started a new swarm (run_id={strategy.run_id}); its join line follows when training starts.", flush=True)
+        strategy.join_command = f"python {this_command()}"  # the strategy's join line: this exact command
 
 
 def this_command() -> str:

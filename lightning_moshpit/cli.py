@@ -87,11 +87,6 @@ def _stop_on_signals() -> Iterator[StopFlag]:
             signal.signal(sig, old)
 
 
-def join_command(addresses: Sequence[str], run_id: str, program: str = "python train.py") -> str:
-    """The shell line a newcomer runs to join: ``MOSHPIT_RUN_ID=... MOSHPIT_INITIAL_PEERS=... python train.py``."""
-    return f"{swarm.ENV_RUN_ID}={run_id} {swarm.ENV_INITIAL_PEERS}={','.join(addresses)} {program}"
-
-
 def _print(*lines: str) -> None:
     for line in lines:
         print(line, flush=True)
@@ -128,7 +123,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         monitor, server = None, None
         try:
             addresses = swarm.visible_addresses(dht)
-            command = join_command(addresses, run_id)
+            command = swarm.join_command(addresses, run_id)
             _print(
                 f"[moshpit] bootstrap peer {dht.peer_id} is up for run_id={run_id}",
                 f"{swarm.ENV_INITIAL_PEERS}={','.join(addresses)}",
@@ -279,7 +274,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         dht = _client_dht(initial_peers, args.timeout)
         try:
             monitor = SwarmMonitor(dht, run_id, period=args.period, target_batch_size=args.target_batch_size)
-            server = DashboardServer(monitor, join_command=join_command(initial_peers, run_id), port=args.port)
+            server = DashboardServer(monitor, join_command=swarm.join_command(initial_peers, run_id), port=args.port)
             try:
                 server.start()
                 monitor.start()
@@ -328,7 +323,7 @@ def cmd_aux(args: argparse.Namespace) -> int:
 
 def cmd_local(args: argparse.Namespace) -> int:
     """Start a loopback bootstrap DHT, run N copies of the command joined to it, stop everything at the end."""
-    from lightning_moshpit.launcher import LocalLauncher
+    from lightning_moshpit.launcher import LocalBootstrap, LocalLauncher
 
     command = list(args.command)
     if not command:
@@ -336,31 +331,23 @@ def cmd_local(args: argparse.Namespace) -> int:
     run_id = swarm.resolve_run_id(args.run_id)
     joined = swarm.parse_maddrs(args.initial_peers, "--initial-peers")
     with _stop_on_signals() as stop:
-        dht = None
+        bootstrap = None
         if not joined:  # our own bootstrap DHT, so that every peer is equal and any may leave first
-            dht = swarm.start_dht(
-                initial_peers=[],
-                host_maddrs=[LOOPBACK],
-                announce_maddrs=[],
-                client_mode=False,
-                identity_path=None,
-                startup_timeout=args.startup_timeout,
-                swarm_secret=resolve_swarm_secret(None),
-            )
+            bootstrap = LocalBootstrap(args.startup_timeout, resolve_swarm_secret(None), say=lambda m: _print(f"[local] {m}"))
         try:
-            addresses = joined or swarm.visible_addresses(dht)
+            addresses = joined or bootstrap.start()
             _print(f"[local] run_id={run_id}; {args.num_peers} peers join through {','.join(addresses)}")
             launcher = LocalLauncher(args.num_peers, command, addresses, run_id, grace=args.grace)
             try:
                 launcher.start()
-                code = launcher.wait(stop)
+                code = launcher.wait(stop, on_poll=bootstrap.keep_alive if bootstrap is not None else None)
             finally:
                 launcher.stop()  # also on errors: no peer outlives the launcher
             _print(f"[local] done: exit code {code}")
             return code
         finally:
-            if dht is not None:
-                dht.shutdown()
+            if bootstrap is not None:
+                bootstrap.shutdown()
 
 
 # ------------------------------------------------------------------------------------------------------------ parser

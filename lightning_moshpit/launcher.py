@@ -15,22 +15,33 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import IO, Optional, Protocol
 
+import hivemind
+from hivemind.p2p import P2P
+from hivemind.utils.multiaddr import Multiaddr
+
 from lightning_moshpit import swarm
+from lightning_moshpit.security import SwarmSecret
 
 LOOPBACK_MADDRS = "/ip4/127.0.0.1/tcp/0"
+#: Seconds between two checks that the launcher's bootstrap peer still answers.
+BOOTSTRAP_CHECK_PERIOD = 2.0
 
 
 class StopRequest(Protocol):
     """Anything with ``wait(timeout) -> bool`` that turns true when the user asks to stop (threading.Event too)."""
 
     def wait(self, timeout: Optional[float] = None) -> bool: ...
+
+
 ENV_PEER_INDEX = "MOSHPIT_PEER_INDEX"
 
 
@@ -105,9 +116,14 @@ class LocalLauncher:
                 self.output.flush()
         stream.close()
 
-    def wait(self, stop_requested: StopRequest, poll: float = 0.2) -> int:
-        """Block until every peer exits 0 (returns 0), one fails, or ``stop_requested`` is set (stops all)."""
+    def wait(self, stop_requested: StopRequest, poll: float = 0.2, on_poll: Optional[Callable[[], object]] = None) -> int:
+        """Block until every peer exits 0 (returns 0), one fails, or ``stop_requested`` is set (stops all).
+
+        ``on_poll`` runs at every poll (``lightning-moshpit local`` checks its bootstrap peer there).
+        """
         while True:
+            if on_poll is not None:
+                on_poll()
             codes = [process.poll() for process in self.processes]
             failed = [(i, code) for i, code in enumerate(codes) if code not in (None, 0)]
             if failed:
@@ -147,6 +163,80 @@ class LocalLauncher:
         with self._write_lock:
             self.output.write(f"[local] {message}\n")
             self.output.flush()
+
+
+class LocalBootstrap:
+    """The launcher's own bootstrap DHT peer on 127.0.0.1, started again at the same address if its daemon dies.
+
+    Peers need the bootstrap peer only to join; afterwards they reach each other directly. But if something kills
+    its p2pd daemon before every peer has joined (an out-of-memory killer, a broad ``pkill``, a test fixture that
+    kills every p2pd on the machine: that last one happened here), the late peers fail with "failed to connect to
+    bootstrap peers". So :meth:`keep_alive` checks every :data:`BOOTSTRAP_CHECK_PERIOD` seconds that the address
+    still accepts TCP connections and, if not, starts a new DHT with the same identity key on the same port: the
+    address the peers were given stays valid.
+
+    Args:
+        startup_timeout: Seconds the DHT may take to start.
+        swarm_secret: The private swarm's secret, if any (the bootstrap peer must prove it too).
+        say: Where to report a restart (a line of text).
+    """
+
+    def __init__(
+        self, startup_timeout: float, swarm_secret: Optional[SwarmSecret] = None, say: Callable[[str], None] = print
+    ) -> None:
+        self.startup_timeout, self.swarm_secret, self.say = startup_timeout, swarm_secret, say
+        self._scratch = tempfile.TemporaryDirectory(prefix="moshpit_local_")
+        self._identity = os.path.join(self._scratch.name, "bootstrap.key")
+        P2P.generate_identity(self._identity)  # the key a restart reuses, so the peer id in the address stays
+        self.dht: Optional[hivemind.DHT] = None
+        self.addresses: list[str] = []
+        self.port = 0
+        self.restarts = 0
+        self._checked_at = time.monotonic()
+
+    def start(self) -> list[str]:
+        """Start the DHT (the first time on a free port, later on the same one) and return its addresses."""
+        self.dht = swarm.start_dht(
+            initial_peers=[],
+            host_maddrs=[f"/ip4/127.0.0.1/tcp/{self.port}"],
+            announce_maddrs=[],
+            client_mode=False,
+            identity_path=self._identity,
+            startup_timeout=self.startup_timeout,
+            swarm_secret=self.swarm_secret,
+        )
+        self.addresses = swarm.visible_addresses(self.dht)
+        self.port = int(Multiaddr(self.addresses[0])["tcp"])
+        return self.addresses
+
+    def answers(self, timeout: float = 1.0) -> bool:
+        """Whether the bootstrap address still accepts TCP connections (its p2pd daemon is listening)."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=timeout):
+                return True
+        except OSError:
+            return False
+
+    def keep_alive(self) -> None:
+        """At most every :data:`BOOTSTRAP_CHECK_PERIOD` seconds: if the address does not answer, start it again."""
+        if self.dht is None or time.monotonic() - self._checked_at < BOOTSTRAP_CHECK_PERIOD:
+            return
+        self._checked_at = time.monotonic()
+        if self.answers():
+            return
+        self.say(f"the bootstrap peer stopped answering at 127.0.0.1:{self.port} (its p2pd daemon was killed?); "
+                 f"starting it again at the same address")  # fmt: skip
+        self.dht.shutdown()
+        self.dht = None
+        self.start()
+        self.restarts += 1
+        self.say(f"bootstrap peer restarted: {','.join(self.addresses)}")
+
+    def shutdown(self) -> None:
+        if self.dht is not None:
+            self.dht.shutdown()
+            self.dht = None
+        self._scratch.cleanup()
 
 
 def _killpg(pgid: int, signum: int) -> None:

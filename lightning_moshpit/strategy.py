@@ -129,6 +129,10 @@ class MoshpitStrategy(SingleDeviceStrategy):
             peer id. Default: env ``MOSHPIT_SWARM_SECRET``, else an open swarm. Prefer the environment variable, so
             the secret stays out of scripts and shell history; it is never printed or logged. Every peer of the run,
             auxiliary and monitor peers included, needs it. See ``docs/security.md`` for what it does not protect.
+        join_command: The command a newcomer runs to join (``python train.py fit --tiny``), shown in the line a peer
+            that starts a new swarm logs, after the variables it needs (``MOSHPIT_RUN_ID=... MOSHPIT_INITIAL_PEERS=...``).
+            ``None`` shows the placeholder ``python <your script>``. ``lightning_moshpit.lightning_cli.SwarmCLI`` sets
+            it to the command that started this peer, so the logged line can be pasted as it is.
         **optimizer_kwargs: Passed through to ``hivemind.Optimizer`` (e.g. ``load_state_timeout``,
             ``averager_opts``, ``tracker_opts``, ``reuse_grad_buffers``).
     """
@@ -161,6 +165,7 @@ class MoshpitStrategy(SingleDeviceStrategy):
         clip_drop: Optional[float] = DEFAULT_DROP_FACTOR,
         verbose: bool = False,
         swarm_secret: Optional[str] = None,
+        join_command: Optional[str] = None,
         accelerator: Any = None,
         checkpoint_io: Any = None,
         precision_plugin: Optional[Precision] = None,
@@ -170,6 +175,7 @@ class MoshpitStrategy(SingleDeviceStrategy):
             device="cpu", accelerator=accelerator, checkpoint_io=checkpoint_io, precision_plugin=precision_plugin
         )
         self.target_batch_size = swarm.resolve_target_batch_size(target_batch_size)
+        self._target_from_env = target_batch_size is None and bool(os.environ.get(swarm.ENV_TARGET_BATCH_SIZE))
         self.run_id = swarm.resolve_run_id(run_id)
         self.initial_peers = swarm.resolve_initial_peers(initial_peers)
         self.host_maddrs = swarm.resolve_host_maddrs(host_maddrs)
@@ -212,6 +218,9 @@ class MoshpitStrategy(SingleDeviceStrategy):
         self.min_peers = _positive_int(min_peers, "min_peers")
         self.min_peers_timeout = _positive_float(min_peers_timeout, "min_peers_timeout")
         self.bootstrap_timeout = _positive_float(bootstrap_timeout, "bootstrap_timeout")
+        if join_command is not None and (not isinstance(join_command, str) or not join_command.strip()):
+            raise ValueError(f"`join_command` must be a non-empty shell command or None, got {join_command!r}")
+        self.join_command = join_command
         self.verbose = _flag(verbose, "verbose")
         self._swarm_secret = security.resolve_swarm_secret(swarm_secret)  # only its HMAC key is kept
         if self._swarm_secret is not None and "grad_averager_factory" in optimizer_kwargs:
@@ -356,7 +365,8 @@ class MoshpitStrategy(SingleDeviceStrategy):
         if self.initial_peers:
             rank_zero_info(f"[moshpit] run_id={self.run_id}; joined the swarm through {self.initial_peers[0]}")
         else:
-            hint = swarm.join_command_hint(self.peer_addresses, self.run_id)
+            target = self.target_batch_size if self._target_from_env else None  # the newcomer needs the same value
+            hint = swarm.join_command_hint(self.peer_addresses, self.run_id, self.join_command, target)
             rank_zero_info(f"[moshpit] run_id={self.run_id}; started a new swarm. {hint}")
 
     def on_train_start(self) -> None:

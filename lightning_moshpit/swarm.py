@@ -185,6 +185,22 @@ def visible_addresses(dht: hivemind.DHT) -> list[str]:
     return [str(maddr) for maddr in dht.get_visible_maddrs()]
 
 
-def join_command_hint(addresses: list[str], run_id: str) -> str:
-    """A human-readable line telling others how to join this swarm."""
-    return f"To join this swarm: {ENV_RUN_ID}={run_id} {ENV_INITIAL_PEERS}={','.join(addresses)} python <your script>"
+def join_command(
+    addresses: Sequence[str], run_id: str, program: str = "python train.py", target_batch_size: Optional[int] = None
+) -> str:
+    """The shell line a newcomer runs to join: ``MOSHPIT_RUN_ID=... MOSHPIT_INITIAL_PEERS=... <program>``.
+
+    Pass ``target_batch_size`` when this peer took it from ``MOSHPIT_TARGET_BATCH_SIZE``: the newcomer needs the same
+    value, and ``program`` alone would not give it. The swarm secret is never included: pass it another way.
+    """
+    variables = [f"{ENV_RUN_ID}={run_id}", f"{ENV_INITIAL_PEERS}={','.join(addresses)}"]
+    if target_batch_size is not None:
+        variables.append(f"{ENV_TARGET_BATCH_SIZE}={target_batch_size}")
+    return " ".join([*variables, program])
+
+
+def join_command_hint(
+    addresses: Sequence[str], run_id: str, program: Optional[str] = None, target_batch_size: Optional[int] = None
+) -> str:
+    """``To join this swarm: <join_command>``; without ``program`` it ends in the placeholder ``python <your script>``."""
+    return f"To join this swarm: {join_command(addresses, run_id, program or 'python <your script>', target_batch_size)}"

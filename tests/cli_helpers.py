@@ -9,13 +9,64 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 #: The training peer program every swarm test runs (its own model and data; see lightning_moshpit.testing.peer).
 PEER = ["-m", "lightning_moshpit.testing.peer"]
+
+
+#: Every process this test run starts inherits this variable, p2pd daemons included (hivemind hands its environment
+#: to the daemon), so the leftover check can tell this run's daemons from those of other runs on the same machine.
+TEST_RUN_VARIABLE = "LIGHTNING_MOSHPIT_TEST_RUN"
+os.environ.setdefault(TEST_RUN_VARIABLE, uuid.uuid4().hex)
+
+
+def p2pd_pids() -> set[int]:
+    """PIDs of every running hivemind p2pd daemon on this machine (hivemind ships the binary as hivemind_cli/p2pd)."""
+    result = subprocess.run(["pgrep", "-f", "hivemind_cli/p2pd"], capture_output=True, text=True)
+    return {int(pid) for pid in result.stdout.split()}
+
+
+def own_p2pd_pids() -> set[int]:
+    """The p2pd daemons started by this test run (this process or anything it launched), and no one else's.
+
+    A daemon belongs to this run when its environment holds this run's :data:`TEST_RUN_VARIABLE`. That also finds a
+    daemon whose peer process died and left it to init, which a walk up the process tree would miss. Counting every
+    p2pd on the machine instead (as this check once did) killed the daemons of other test runs and of
+    ``lightning-moshpit local`` runs sharing the machine: their peers then failed with "failed to connect to bootstrap
+    peers".
+    """
+    tag = f"{TEST_RUN_VARIABLE}={os.environ[TEST_RUN_VARIABLE]}".encode()
+    pids = set()
+    for pid in p2pd_pids():
+        try:
+            environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:  # gone already, or another user's process
+            continue
+        if tag in environment:
+            pids.add(pid)
+    return pids
+
+
+def check_no_leftover_p2pd() -> Iterator[None]:
+    """Fixture body: fail a test that leaves one of its own p2pd daemons running (after a grace period)."""
+    before = own_p2pd_pids()
+    yield
+    deadline = time.monotonic() + 15
+    leftover = own_p2pd_pids() - before
+    while leftover and time.monotonic() < deadline:
+        time.sleep(0.25)
+        leftover = own_p2pd_pids() - before
+    for pid in leftover:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not leftover, f"p2pd daemons left running after the test: {sorted(leftover)}"
 
 
 def cli_env(**extra: str) -> dict[str, str]:
@@ -90,7 +141,7 @@ class CliProcess:
 
     def leftover_processes(self) -> list[str]:
         """Live processes left in the command's session (its DHT process, p2pd, peers)."""
-        result = subprocess.run(["ps", "-o", "pid=,stat=,args=", "--sid", str(self.process.pid)],
+        result = subprocess.run(["ps", "-ww", "-o", "pid=,stat=,args=", "--sid", str(self.process.pid)],
                                 capture_output=True, text=True)  # fmt: skip
         alive = []
         for line in result.stdout.splitlines():

@@ -37,7 +37,6 @@ MODEL = "lightning_moshpit.testing.peer:TinyClassifier"
 CHECKPOINT_EVERY = 5
 
 
-
 def _get_json(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=10) as response:
         return json.loads(response.read())

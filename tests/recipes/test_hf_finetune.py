@@ -1,0 +1,129 @@
+"""The Hugging Face fine-tuning recipe: the stdlib-docstring task's splits, and two local peers fine-tuning a tiny
+random-init BERT saved to a temp dir, with and without ``--editable``.
+
+The real pretrained MiniLM run (about 7 minutes on 2 cores) is not part of the suite; it is timed, with its accuracy,
+in docs/recipes.md."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="the recipes need the `recipes` extra: pip install -e '.[recipes]'")
+
+from cli_helpers import run_cli  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPE = REPO / "recipes" / "hf_finetune"
+sys.path.insert(0, str(RECIPE))
+import make_stdlib_dataset  # noqa: E402  (recipes/hf_finetune/make_stdlib_dataset.py)
+
+#: Two topics with disjoint vocabularies: a task a 2-layer random-init BERT learns in a few global steps.
+TOPICS = {
+    "weather": "rain sun cloud wind storm snow warm cold fog humid".split(),
+    "cooking": "bake boil salt pepper oven pan knife fry sugar flour".split(),
+}
+FILLER = "the a of and it is was very today then".split()
+#: Global steps of 64 texts in the two-peer tests (matchmaking 0.5 s on loopback). Measured without a swarm: at lr 0.01
+#: the loss sits at ln 2 for about 6 updates, then falls to 0.33 by the 10th (accuracy 0.96); at lr 0.003 it had not
+#: moved after 10 (accuracy 0.48).
+STEPS = 12
+
+
+def write_texts(path: Path, count: int, seed: int) -> None:
+    rng = random.Random(seed)
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["text", "label"])
+        for _ in range(count):
+            label = rng.choice(sorted(TOPICS))
+            words = [rng.choice(TOPICS[label] if rng.random() < 0.4 else FILLER) for _ in range(rng.randint(6, 12))]
+            writer.writerow([" ".join(words), label])
+
+
+def save_tiny_bert(folder: Path) -> None:
+    """A random-init 2-layer BERT with a word-level vocabulary, saved like any hub checkpoint (no download)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words = specials + sorted({w for topic in TOPICS.values() for w in topic} | set(FILLER))
+    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer()
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
+                                        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")  # fmt: skip
+    tokenizer.save_pretrained(folder)
+    config = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=2)  # fmt: skip
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        BertForSequenceClassification(config).save_pretrained(folder)
+
+
+def test_stdlib_dataset_has_six_families_in_disjoint_stable_splits(tmp_path: Path) -> None:
+    make_stdlib_dataset.main(["--out", str(tmp_path)])
+    splits = {}
+    for name in ("train", "val", "test"):
+        with (tmp_path / f"{name}.csv").open() as file:
+            splits[name] = list(csv.DictReader(file))
+    assert {row["label"] for row in splits["train"]} == set(make_stdlib_dataset.FAMILIES)
+    assert len(splits["train"]) > 3 * len(splits["test"]) > 0
+    texts = [{row["text"] for row in rows} for rows in splits.values()]
+    assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
+    assert all(make_stdlib_dataset.split_of(row["source"]) == "test" for row in splits["test"])
+
+
+def run_two_peers(tmp_path: Path, *extra: str, steps: int = STEPS) -> list[dict]:
+    save_tiny_bert(tmp_path / "bert")
+    write_texts(tmp_path / "train.csv", 400, seed=0)
+    write_texts(tmp_path / "test.csv", 100, seed=1)
+    result = run_cli(
+        ["local", "2", "--run-id", f"hf_{tmp_path.name[-8:]}", "--", sys.executable, str(RECIPE / "train.py"), "fit",
+         "--trainer.accelerator=cpu", "--trainer.precision=32-true", f"--model.model_name_or_path={tmp_path / 'bert'}",
+         "--model.lr=0.01", "--model.warmup_steps=2", "--model.total_steps=100",
+         f"--data.train_file={tmp_path / 'train.csv'}", f"--data.val_file={tmp_path / 'test.csv'}",
+         "--data.batch_size=16", "--data.max_length=16", "--trainer.strategy.init_args.target_batch_size=64",
+         "--trainer.strategy.init_args.matchmaking_time=0.5", "--trainer.strategy.init_args.averaging_timeout=5.0",
+         f"--progress.max_global_steps={steps}", f"--progress.history_path={tmp_path / 'history{peer}.jsonl'}",
+         f"--report={tmp_path / 'report{peer}.json'}", *extra],
+        timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-6000:]
+    assert "held-out accuracy before fine-tuning" in result.stdout
+    reports = []
+    for peer in (0, 1):
+        rows = [json.loads(line) for line in (tmp_path / f"history{peer}.jsonl").read_text().splitlines()]
+        losses = [row["loss"] for row in rows if row["batches"]]
+        assert all(math.isfinite(loss) for loss in losses), losses
+        assert rows[-1]["global_step"] >= steps - 1, rows
+        assert sum(row["group_size"] == 2 for row in rows) >= steps // 3, rows  # rounds that averaged both peers
+        assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, f"peer {peer}: loss did not fall: {losses}"
+        reports.append(json.loads((tmp_path / f"report{peer}.json").read_text()))
+    return reports
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_two_local_peers_fine_tune_a_tiny_random_bert(tmp_path: Path) -> None:
+    reports = run_two_peers(tmp_path)
+    for report in reports:
+        assert report["global_step"] >= STEPS
+        assert report["accuracy_after"] >= 0.9 > report["accuracy_before"] + 0.2, report
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_editable_flag_adds_editable_training_on_the_classifier_head(tmp_path: Path) -> None:
+    # The editability term slows the start: in 12 global steps the loss had not left ln 2; with 20 it fell (measured).
+    reports = run_two_peers(tmp_path, "--editable", steps=20)
+    for report in reports:
+        assert report["accuracy_after"] >= 0.9, report

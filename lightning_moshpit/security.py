@@ -21,6 +21,7 @@ and there is no revocation short of restarting the swarm with a new secret.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import hmac
@@ -52,6 +53,8 @@ MIN_SECRET_LENGTH = 16
 TOKEN_LIFETIME = 600.0
 #: A refused peer is named in a warning at most once per this many seconds (a refused peer retries often).
 WARN_EVERY = 30.0
+#: Seconds after proving the secret during which a peer may download another peer's state.
+PROOF_LIFETIME = 300.0
 
 _HMAC_FORMAT = b"[moshpit-hmac:_value_]"
 _HMAC_RE = re.compile(re.escape(_HMAC_FORMAT).replace(b"_value_", rb"([0-9a-f]{64})"))
@@ -284,6 +287,7 @@ class PrivateAveragerMixin(DecentralizedAverager):
     def __init__(self, *args: Any, swarm_secret: SwarmSecret, **kwargs: Any) -> None:
         self.swarm_secret = swarm_secret
         self._refusals = _Warner()
+        self._proven_until: dict[PeerID, float] = {}  # peers that proved the secret, until when (time.monotonic)
         super().__init__(*args, **kwargs)
 
     def step(self, gather: Any = None, *args: Any, **kwargs: Any) -> Any:
@@ -301,6 +305,55 @@ class PrivateAveragerMixin(DecentralizedAverager):
             return
         async for message in super().rpc_join_group(request, context):
             yield message
+
+    # -------------------------------------------------------------------------------------------- state downloads
+    # hivemind's DownloadRequest is an empty message, so a downloader cannot carry a tag in it. It proves the secret in
+    # a separate call first (a JoinRequest whose gather holds its join tag, checked against the peer id libp2p
+    # authenticated); a state holder serves its state only to peers that did so in the last PROOF_LIFETIME seconds.
+    async def rpc_prove_membership(
+        self, request: averaging_pb2.JoinRequest, context: P2PContext
+    ) -> averaging_pb2.MessageFromLeader:
+        """Remember for :data:`PROOF_LIFETIME` seconds that the caller holds the secret (``ACCEPTED``), or refuse."""
+        if not gather_is_authentic(self.swarm_secret, context.remote_id, request.gather):
+            peer = context.remote_id.to_base58()
+            self._refusals.warn(peer, f"Peer {peer} failed to prove this swarm's secret before downloading its state")
+            return averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+        now = time.monotonic()
+        self._proven_until = {peer: until for peer, until in self._proven_until.items() if until > now}
+        self._proven_until[context.remote_id] = now + PROOF_LIFETIME
+        return averaging_pb2.MessageFromLeader(code=averaging_pb2.ACCEPTED)
+
+    async def rpc_download_state(
+        self, request: averaging_pb2.DownloadRequest, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.DownloadData]:
+        """Serve the state (as hivemind does) only to a peer that proved the secret; send nothing to anyone else."""
+        if self._proven_until.get(context.remote_id, -float("inf")) < time.monotonic():
+            peer = context.remote_id.to_base58()
+            self._refusals.warn(peer, f"Refused a state download by peer {peer}: it did not prove this swarm's secret")
+            return
+        async for message in super().rpc_download_state(request, context):
+            yield message
+
+    async def _load_state_from_peers(self, future: Any, timeout: Optional[float] = None) -> None:
+        """Prove the secret to every peer that offers its state, then download as hivemind does."""
+        await self._prove_membership_to_state_holders()
+        await super()._load_state_from_peers(future, timeout=timeout)
+
+    async def _prove_membership_to_state_holders(self) -> None:
+        # the same DHT entry hivemind's _load_state_from_peers picks its source from (records there carry the tag)
+        holders, _ = self.dht.get(f"{self._matchmaking.group_key_manager.prefix}.all_averagers", latest=True) or ({}, None)
+        peers = [PeerID(peer) for peer in holders if isinstance(peer, bytes) and PeerID(peer) != self.peer_id]
+        user_bytes = self.serializer.dumps(wrap_gather(self.swarm_secret, self.peer_id, None))
+        request = averaging_pb2.JoinRequest(gather=self.serializer.dumps([0.0, 0, user_bytes]))
+
+        async def prove(peer: PeerID) -> None:
+            try:
+                stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
+                await asyncio.wait_for(stub.rpc_prove_membership(request), timeout=self.request_timeout)
+            except Exception as error:  # that peer will refuse the download; hivemind then tries the next one
+                log.debug(f"Could not prove the swarm secret to {peer}: {error!r}")
+
+        await asyncio.gather(*(prove(peer) for peer in peers))
 
     async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs: Any) -> Any:
         """Check every groupmate's tag before sending any tensor part, then hand back the original gathered data."""

@@ -10,6 +10,7 @@ from typing import Any
 from unittest import mock
 
 import pytest
+from hivemind.averaging.averager import DecentralizedAverager
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.schema import SchemaValidator
 from hivemind.dht.validation import CompositeValidator, DHTRecord
@@ -193,6 +194,43 @@ def test_a_leader_refuses_a_join_request_without_the_secret(caplog: pytest.LogCa
         messages = asyncio.run(answers())
     assert [message.code for message in messages] == [averaging_pb2.PROTOCOL_VIOLATION]
     assert f"join request from peer {PEER_B.to_base58()}" in caplog.text
+
+
+def test_the_state_is_served_only_to_a_peer_that_proved_the_secret(caplog: pytest.LogCaptureFixture) -> None:
+    from lightning_moshpit.security import PrivateTrainingStateAverager, _Warner
+
+    averager = PrivateTrainingStateAverager.__new__(PrivateTrainingStateAverager)  # the RPC handlers only: no process
+    averager.swarm_secret, averager._refusals, averager._proven_until = SwarmSecret(SECRET), _Warner(), {}
+    averager._parent_pid = -1  # hivemind's __del__ shuts down only averagers this process started
+    served = [averaging_pb2.DownloadData(metadata=b"state")]
+
+    async def stock_download(*_: Any) -> Any:  # what hivemind's rpc_download_state would stream
+        for message in served:
+            yield message
+
+    def proof(secret: str, peer: PeerID) -> averaging_pb2.JoinRequest:
+        return averaging_pb2.JoinRequest(gather=_serialized_gather(wrap_gather(SwarmSecret(secret), peer, None)))
+
+    async def prove_then_download(secret: str, peer: PeerID) -> tuple[int, list]:
+        context = P2PContext(handle_name="state", local_id=PEER_A, remote_id=peer)
+        reply = await averager.rpc_prove_membership(proof(secret, peer), context)
+        request = averaging_pb2.DownloadRequest()
+        return reply.code, [message async for message in averager.rpc_download_state(request, context)]
+
+    async def download_without_proof(peer: PeerID) -> list:
+        context = P2PContext(handle_name="state", local_id=PEER_A, remote_id=peer)
+        return [message async for message in averager.rpc_download_state(averaging_pb2.DownloadRequest(), context)]
+
+    with mock.patch.object(DecentralizedAverager, "rpc_download_state", stock_download), caplog.at_level(logging.WARNING):
+        assert asyncio.run(download_without_proof(PEER_B)) == []
+        assert f"Refused a state download by peer {PEER_B.to_base58()}" in caplog.text
+        assert asyncio.run(prove_then_download("a-guess-that-is-wrong", PEER_B)) == (averaging_pb2.PROTOCOL_VIOLATION, [])
+        # a tag made for another peer id proves nothing for this connection's peer
+        assert asyncio.run(prove_then_download(SECRET, PEER_B)) == (averaging_pb2.ACCEPTED, served)
+        context = P2PContext(handle_name="state", local_id=PEER_A, remote_id=PEER_A)
+        stolen = averaging_pb2.JoinRequest(gather=_serialized_gather(wrap_gather(SwarmSecret(SECRET), PEER_B, None)))
+        assert asyncio.run(averager.rpc_prove_membership(stolen, context)).code == averaging_pb2.PROTOCOL_VIOLATION
+        assert asyncio.run(download_without_proof(PEER_A)) == []
 
 
 # ------------------------------------------------------------------------------------------- plausibility bound

@@ -279,7 +279,7 @@ class PrivateAveragerMixin(DecentralizedAverager):
     def _get_handle_name(cls, namespace: Optional[str], method_name: str) -> str:
         # hivemind names RPC handlers after the class; keep the stock class's name (the first non-private one in the
         # MRO), so that a stock averager's join request reaches our check (and is refused with a warning naming it)
-        # instead of failing with "no handler", and tools that download the state with a stock averager keep working
+        # instead of failing with "no handler"; a stock averager's state download reaches our gate and gets nothing
         stock = next(base for base in cls.__mro__ if not issubclass(base, PrivateAveragerMixin))
         handle_name = f"{stock.__name__}.{method_name}"
         return f"{namespace}::{handle_name}" if namespace is not None else handle_name
@@ -336,12 +336,17 @@ class PrivateAveragerMixin(DecentralizedAverager):
 
     async def _load_state_from_peers(self, future: Any, timeout: Optional[float] = None) -> None:
         """Prove the secret to every peer that offers its state, then download as hivemind does."""
-        await self._prove_membership_to_state_holders()
+        try:
+            await self._prove_membership_to_state_holders()
+        except Exception as error:  # hivemind's download below always resolves the future; never leave it pending
+            log.warning(f"Could not prove the swarm secret to the state holders ({error!r}); trying the download anyway")
         await super()._load_state_from_peers(future, timeout=timeout)
 
     async def _prove_membership_to_state_holders(self) -> None:
         # the same DHT entry hivemind's _load_state_from_peers picks its source from (records there carry the tag)
         holders, _ = self.dht.get(f"{self._matchmaking.group_key_manager.prefix}.all_averagers", latest=True) or ({}, None)
+        if not isinstance(holders, dict):
+            return  # hivemind's download finds no holder in it either
         peers = [PeerID(peer) for peer in holders if isinstance(peer, bytes) and PeerID(peer) != self.peer_id]
         user_bytes = self.serializer.dumps(wrap_gather(self.swarm_secret, self.peer_id, None))
         request = averaging_pb2.JoinRequest(gather=self.serializer.dumps([0.0, 0, user_bytes]))

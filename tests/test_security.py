@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import time
 from typing import Any
 from unittest import mock
 
@@ -225,8 +226,10 @@ def test_the_state_is_served_only_to_a_peer_that_proved_the_secret(caplog: pytes
         assert asyncio.run(download_without_proof(PEER_B)) == []
         assert f"Refused a state download by peer {PEER_B.to_base58()}" in caplog.text
         assert asyncio.run(prove_then_download("a-guess-that-is-wrong", PEER_B)) == (averaging_pb2.PROTOCOL_VIOLATION, [])
-        # a tag made for another peer id proves nothing for this connection's peer
         assert asyncio.run(prove_then_download(SECRET, PEER_B)) == (averaging_pb2.ACCEPTED, served)
+        averager._proven_until[PEER_B] = time.monotonic() - 1.0  # PROOF_LIFETIME has passed: prove again first
+        assert asyncio.run(download_without_proof(PEER_B)) == []
+        # a tag made for another peer id proves nothing for this connection's peer
         context = P2PContext(handle_name="state", local_id=PEER_A, remote_id=PEER_A)
         stolen = averaging_pb2.JoinRequest(gather=_serialized_gather(wrap_gather(SwarmSecret(SECRET), PEER_B, None)))
         assert asyncio.run(averager.rpc_prove_membership(stolen, context)).code == averaging_pb2.PROTOCOL_VIOLATION

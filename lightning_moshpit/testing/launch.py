@@ -141,10 +141,14 @@ def start_module(
         )
 
 
-def _run_quietly(command: list[str], timeout: float = 30.0) -> str:
+#: At most this many processes of a stuck peer get their Python stacks dumped by :meth:`LocalSwarm.diagnose`.
+MAX_STACK_DUMPS = 5
+
+
+def _run_quietly(command: list[str], timeout: float = 10.0) -> str:
     """A diagnostic command's output (stdout and stderr), or why it could not run; never raises."""
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as error:
         return f"({command[0]} failed: {error})"
     return (result.stdout + result.stderr).strip()
@@ -256,6 +260,8 @@ class LocalSwarm:
 
         Written for failures that only happen on a CI machine, where the peer's files are gone after the run.
         """
+        if index >= len(self.processes):
+            return f"--- peer {index} was never started ---"
         process = self.processes[index]
         parts = [f"--- peer {index} (pid {process.pid}) log, last {log_chars} characters ---", self.log(index)[-log_chars:]]
         alive = Path(f"/proc/{process.pid}").exists()
@@ -264,10 +270,13 @@ class LocalSwarm:
         parts += ["--- processes of its session (pid ppid stat elapsed cpu args) ---", listing]
         py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         if Path(py_spy).exists():
-            for line in listing.splitlines():
-                fields = line.split(None, 5)
-                if len(fields) == 6 and ("python" in fields[5] or fields[0] == str(process.pid)):
-                    parts += [f"--- py-spy dump of {fields[0]} ---", _run_quietly([py_spy, "dump", "--pid", fields[0]])]
+            pythons = [
+                fields[0]
+                for fields in (line.split(None, 5) for line in listing.splitlines())
+                if len(fields) == 6 and ("python" in fields[5] or fields[0] == str(process.pid))
+            ]
+            for pid in pythons[:MAX_STACK_DUMPS]:  # the peer first, then its DHT and averager processes
+                parts += [f"--- py-spy dump of {pid} ---", _run_quietly([py_spy, "dump", "--pid", pid])[-6000:]]
         return "\n".join(parts)
 
     def leftover_processes(self, indices: Optional[Sequence[int]] = None) -> list[str]:

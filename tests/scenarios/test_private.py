@@ -77,7 +77,7 @@ def test_an_outsider_is_refused_and_a_liar_cannot_force_early_steps(make_swarm) 
     print(f"state download: {stolen}")
     assert stolen["member_messages"] > 0, "even a member could not download the state: the refusal below proves nothing"
     assert stolen["outsider_messages"] == 0, "an outsider downloaded an insider's training state"
-    assert set(stolen["outsider_codes"]) == {PROTOCOL_VIOLATION}, stolen
+    assert stolen["outsider_codes"] and set(stolen["outsider_codes"]) == {PROTOCOL_VIOLATION}, stolen
     named = [line for line in insider_logs[0].splitlines() if stolen["outsider_id"] in line]
     assert any("secret" in line for line in named), "no insider warning names the thief's peer id"
     print(f"insider logged: {named[0].strip()[:300]}")

@@ -492,6 +492,8 @@ class SwarmOptimizer(hivemind.Optimizer):
         The same as ``hivemind.Optimizer.load_state_from_peers`` except that it gives up after
         :data:`LOAD_STATE_ATTEMPTS` failed downloads with a ``RuntimeError`` instead of retrying forever (hivemind
         1.1.12 loops on any exception, so a peer whose download always fails, e.g. on a shape mismatch, would hang).
+        A download that raises nothing but serves nothing, while this peer is more than one global step behind,
+        counts as failed too (hivemind returns ``None`` then, and its ``step()`` would call this again every batch).
         """
         if self._joined:  # after the start barrier, a state download means this peer fell behind the swarm
             self.resyncs += 1
@@ -507,20 +509,27 @@ class SwarmOptimizer(hivemind.Optimizer):
 
         with self.tracker.pause_updates():
             for attempt in range(1, LOAD_STATE_ATTEMPTS + 1):
+                epoch_before, cause = self.local_epoch, None
                 try:
                     self.state_averager.load_state_from_peers(timeout=self.load_state_timeout, **kwargs)
                     if self.grad_averager is not None:
                         self.grad_averager.load_state_from_peers(timeout=self.load_state_timeout, **kwargs)
-                    break
                 except KeyboardInterrupt:
                     raise
                 except Exception as error:
-                    if attempt == LOAD_STATE_ATTEMPTS:
-                        raise RuntimeError(
-                            f"Could not load the swarm's state (run_id={self.run_id!r}) after {attempt} attempts: "
-                            f"{type(error).__name__}: {error}"
-                        ) from error
-                    log.warning(f"Loading the swarm's state failed ({type(error).__name__}: {error}); retrying")
+                    cause, problem = error, f"{type(error).__name__}: {error}"
+                else:
+                    if not self._download_was_fruitless(epoch_before):
+                        break
+                    problem = (f"no peer served a state (this peer is still at global step {self.local_epoch}, the "
+                               f"swarm at {self.tracker.global_epoch})")  # fmt: skip
+                if attempt == LOAD_STATE_ATTEMPTS:
+                    raise RuntimeError(
+                        f"Could not load the swarm's state (run_id={self.run_id!r}) after {attempt} attempts: {problem}"
+                    ) from cause
+                log.warning(f"Loading the swarm's state failed ({problem}); retrying")
+                if cause is None:
+                    time.sleep(min(2.0, self.matchmaking_time))  # peers that had nothing to serve may have it soon
 
             for _ in range(3):
                 if self.local_epoch != self.tracker.global_epoch - 1:
@@ -538,6 +547,16 @@ class SwarmOptimizer(hivemind.Optimizer):
                 self.grad_averager.reset_accumulated_grads_()
                 if not self.client_mode:
                     self.grad_averager.state_sharing_priority = self.local_epoch
+
+    def _download_was_fruitless(self, epoch_before: int) -> bool:
+        """Whether a state download that raised nothing still left this peer more than one step behind the swarm.
+
+        hivemind's ``load_state_from_peers`` returns ``None`` both when it loaded a state and when no peer served one
+        (nobody answered, or every answer was refused), so the global step is the only evidence. Without this check
+        a peer that no one serves reloaded at every batch and never trained, silently. One step behind is left to
+        the catch-up below, as hivemind does: the swarm may have just stepped.
+        """
+        return self.local_epoch == epoch_before and self.local_epoch < self.tracker.global_epoch - 1
 
     def __del__(self) -> None:
         # hivemind's __del__ shuts the averagers down. Lightning wraps optimizers in a dynamic subclass that shares

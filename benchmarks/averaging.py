@@ -33,7 +33,6 @@ import collections
 import datetime
 import json
 import os
-import shutil
 import signal
 import socket
 import statistics
@@ -43,6 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from lightning_moshpit.testing.profiling import cpu_seconds_by_kind, leaf_shares, start_py_spy, stop_py_spy
 
 #: (name, compression, part_size_mib or None for hivemind's default 0.5 MiB)
 VARIANTS: list[tuple[str, str, float | None]] = [
@@ -62,35 +63,6 @@ def free_port() -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------- worker
-
-
-def cpu_seconds_by_kind(root: int) -> dict[str, float]:
-    """CPU seconds (user + system) used so far by ``root`` and all its descendants, split into p2pd and Python.
-
-    Read from ``/proc`` (Linux only; empty elsewhere). A peer's descendants are hivemind's averager and DHT processes
-    and the p2pd daemon, so this sees the Go daemon that py-spy cannot.
-    """
-    parents: dict[int, int] = {}
-    stats: dict[int, tuple[float, str]] = {}
-    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        pid = int(entry.name)
-        parents[pid] = int(fields[1])
-        stats[pid] = ((int(fields[11]) + int(fields[12])) / tick, "p2pd" if b"p2pd" in cmdline else "python")
-    totals: dict[str, float] = collections.Counter()
-    for pid, (seconds, kind) in stats.items():
-        ancestor = pid
-        while ancestor not in (root, 0, 1) and ancestor in parents:
-            ancestor = parents[ancestor]
-        if ancestor == root:
-            totals[kind] += seconds
-    return dict(totals)
-
 
 
 def worker(args: argparse.Namespace) -> None:  # noqa: C901 - one linear script per peer
@@ -162,11 +134,7 @@ def worker(args: argparse.Namespace) -> None:  # noqa: C901 - one linear script 
                 tensors[0].fill_(rank + 1)
             if profiled and repeat == 1:  # every peer takes part in this barrier; one peer runs py-spy
                 if rank == min(1, world - 1):
-                    profiler = subprocess.Popen(
-                        [shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(os.getpid()), "--subprocesses", "--rate", "100",
-                         "--format", "raw", "--nonblocking", "-o", str(args.workdir / "profile.txt")],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                    )  # fmt: skip
+                    profiler = start_py_spy(os.getpid(), args.workdir / "profile.txt", rate=100, subprocesses=True)
                 time.sleep(1.5)  # let py-spy attach
             dist.barrier()
             if repeat == 1:
@@ -193,10 +161,9 @@ def worker(args: argparse.Namespace) -> None:  # noqa: C901 - one linear script 
         cpu_after = cpu_seconds_by_kind(os.getpid())
         cpu.append(dict(variant=name + (" (profiled)" if profiled else ""), compression=compression, part_mib=part_mib,
                         mib=mib, rounds=args.repeats,
-                        seconds={k: cpu_after.get(k, 0.0) - cpu_before.get(k, 0.0) for k in cpu_after}))  # fmt: skip
+                        seconds=python_and_p2pd(cpu_after, cpu_before)))  # fmt: skip
         if profiler is not None:
-            profiler.send_signal(signal.SIGINT)
-            profiler.wait(timeout=60)
+            stop_py_spy(profiler)
             profiler = None
         dist.barrier()
         averager.shutdown()
@@ -319,33 +286,11 @@ def summarize(per_rank: list[list[dict[str, Any]]], peers: int, repeats: int) ->
     return result
 
 
-def summarize_profile(path: Path, top: int = 15) -> list[tuple[str, float]]:
-    """py-spy raw output (one collapsed stack and its sample count per line) -> share of samples per process and leaf.
-
-    With ``--subprocesses`` a stack starts with the peer's process, then (for the averager and DHT children hivemind
-    forks) the child process; the child is what names the row. The leaf is the innermost Python frame: time spent in
-    C code (uvloop's socket I/O, ``bytes`` copies, protobuf) is charged to the Python line that called it.
-    """
-    stacks = []
-    for line in path.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if count.isdigit():
-            frames = stack.split(";")
-            process = frames[1] if len(frames) > 1 and frames[1].startswith("process ") else frames[0]
-            stacks.append((process.split(":")[0], frames, int(count)))
-    roles: dict[str, str] = {}
-    for process, frames, _ in stacks:
-        if any("DecentralizedAverager" in frame for frame in frames):
-            roles[process] = "averager process"
-        elif any("DHT.run" in frame for frame in frames):
-            roles.setdefault(process, "DHT process")
-    leaves: collections.Counter[str] = collections.Counter()
-    total = 0
-    for process, frames, count in stacks:
-        leaf = frames[-1] if not frames[-1].startswith("process ") else "(no Python frame)"
-        leaves[f"{roles.get(process, 'peer main process')}: {leaf}"] += count
-        total += count
-    return [(name, count / total) for name, count in leaves.most_common(top)] if total else []
+def python_and_p2pd(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    """CPU seconds between two :func:`cpu_seconds_by_kind` readings, as the table shows them: Python (every thread
+    and hivemind child process) and the p2pd daemon."""
+    spent = {kind: after.get(kind, 0.0) - before.get(kind, 0.0) for kind in after}
+    return {"python": sum(v for k, v in spent.items() if k not in ("p2pd", "profiler")), "p2pd": spent.get("p2pd", 0.0)}
 
 
 def label(row: dict[str, Any]) -> str:
@@ -411,7 +356,7 @@ def main() -> None:
         return
 
     if args.summarize_profile:
-        for name, share in summarize_profile(args.summarize_profile, top=25):
+        for name, share in leaf_shares(args.summarize_profile, top=25):
             print(f"{100 * share:5.1f}%  {name}")
         return
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -448,7 +393,7 @@ def main() -> None:
                 cpu_rows.append(dict(peers=peers, **{k: v for k, v in entries[0].items() if k != "seconds"},
                                      cpu_seconds_per_round={k: v / entries[0]["rounds"] for k, v in total.items()}))  # fmt: skip
             if args.profile_this_run and (workdir / "profile.txt").exists():
-                profile = summarize_profile(workdir / "profile.txt")
+                profile = leaf_shares(workdir / "profile.txt")
                 (args.out.parent / "averaging_profile.txt").write_text((workdir / "profile.txt").read_text())
         print(f"{peers} peers done after {time.perf_counter() - started:.0f} s", flush=True)
 

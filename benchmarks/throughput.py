@@ -41,7 +41,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from training_runs import SWARM_MODES, full_rounds, launch, samples_per_second  # noqa: E402
+from training_runs import (  # noqa: E402
+    SWARM_MODES,
+    full_rounds,
+    launch,
+    median_round_seconds,
+    print_profiles,
+    profile_args,
+    profiled_rank,
+    samples_per_second,
+)
 
 MODES = ("ddp", *SWARM_MODES)
 TARGET_RATIO, TARGET_PEERS, TARGET_KEEP = 32, 4, 0.9  # issue 8: R >= 32 and DPU: each of 4 peers keeps >= 90% of solo
@@ -69,6 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="extra sleep per batch standing in for accelerator compute (uses no CPU)")  # fmt: skip
     parser.add_argument("--matchmaking-time", type=float, default=2.0)
     parser.add_argument("--averaging-timeout", type=float, default=15.0)
+    parser.add_argument("--profile", action="store_true",
+                        help="py-spy one process of every run (rank 1; idle samples too) and read its CPU from /proc: "
+                             "where its wall time and CPU go. The profiler takes CPU too: compare profiled runs "
+                             "with each other")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/throughput.json"))
     parser.add_argument("--plot", type=Path, default=Path("docs/benchmarks/throughput.png"))
     args = parser.parse_args(argv)
@@ -82,15 +95,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def measure(workdir: Path, name: str, mode: str, processes: int, common: list[str], warmup: int,
-            batches: int) -> dict[str, Any]:  # fmt: skip
+            batches: int, profile: bool = False) -> dict[str, Any]:  # fmt: skip
     started = time.monotonic()
+    args = [*common, "--max-steps", str(batches)]
     try:
-        reports, _ = launch(workdir / name, mode, processes, [*common, "--max-steps", str(batches)])
+        extra = profile_args(workdir / name, processes) if profile else None
+        reports, _ = launch(workdir / name, mode, processes, args, extra)
     except RuntimeError as error:  # seen once on a loaded machine: a peer's p2pd missed the bootstrap peer for 30 s
         if "Could not join the swarm" not in str(error):
             raise
         print(f"  {name}: a peer could not join the swarm; running it again once", flush=True)
-        reports, _ = launch(workdir / f"{name} again", mode, processes, [*common, "--max-steps", str(batches)])
+        extra = profile_args(workdir / f"{name} again", processes) if profile else None
+        reports, _ = launch(workdir / f"{name} again", mode, processes, args, extra)
     note = ""
     try:
         rates = samples_per_second(reports, warmup)
@@ -103,7 +119,8 @@ def measure(workdir: Path, name: str, mode: str, processes: int, common: list[st
         "per_process": rates, "per_peer": statistics.mean(rates), "total": sum(rates), "note": note,
         "first_batch_offsets": [r["batch_ends"][0] - min(x["batch_ends"][0] for x in reports) for r in reports],
         "optimizer_steps": [r["optimizer_steps"] for r in reports], "rounds_full": full, "rounds": rounds,
-        "wall_seconds": time.monotonic() - started,
+        "wall_seconds": time.monotonic() - started, "profile": reports[profiled_rank(processes)].get("profile"),
+        "round_seconds": median_round_seconds(reports),
     }  # fmt: skip
     print(f"  {name}: {row['per_peer']:.1f} samples/s per process ({row['wall_seconds']:.0f} s) {note}", flush=True)
     return row
@@ -121,21 +138,23 @@ def main(argv: list[str] | None = None) -> None:
         workdir = Path(tmp)
         _, solo_batches = batches_per_process(max(args.ratios), args.peers, args.global_steps, args.min_batches)
         solo_batches = min(solo_batches, 2 + 4 * args.min_batches)  # the rate of a lone process settles quickly
-        rows.append(measure(workdir, "solo x1", "solo", 1, common, 2, solo_batches))
-        rows.append(measure(workdir, f"solo x{args.peers}", "solo", args.peers, common, 2, solo_batches))
+        rows.append(measure(workdir, "solo x1", "solo", 1, common, 2, solo_batches, args.profile))
+        rows.append(measure(workdir, f"solo x{args.peers}", "solo", args.peers, common, 2, solo_batches, args.profile))
         for ratio in args.ratios:
             warmup, batches = batches_per_process(ratio, args.peers, args.global_steps, args.min_batches)
             for mode in args.modes:
                 extra = ["--target-batch-size", str(ratio * args.batch_size)]
                 if mode == "ddp":
                     extra = ["--accumulate", str(max(1, ratio // args.peers))]
-                row = measure(workdir, f"{mode} R={ratio}", mode, args.peers, [*common, *extra], warmup, batches)
+                name = f"{mode} R={ratio}"
+                row = measure(workdir, name, mode, args.peers, [*common, *extra], warmup, batches, args.profile)
                 rows.append({**row, "ratio": ratio})
     solo_alone, solo_shared = rows[0]["per_peer"], rows[1]["per_peer"]
     for row in rows:
         row["ratio_to_solo_shared"] = row["per_peer"] / solo_shared
         row["ratio_to_solo_alone"] = row["per_peer"] / solo_alone
     print_table(rows, args)
+    print_profiles(rows)
     report = {
         "command": "python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

@@ -42,7 +42,17 @@ from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from training_runs import SWARM_MODES, full_rounds, launch, steps_to_accuracy, time_to_accuracy  # noqa: E402
+from training_runs import (  # noqa: E402
+    SWARM_MODES,
+    full_rounds,
+    launch,
+    median_round_seconds,
+    print_profiles,
+    profile_args,
+    profiled_rank,
+    steps_to_accuracy,
+    time_to_accuracy,
+)
 
 MODES = ("ddp", "moshpit", "moshpit_dpu")
 TARGET_RATIO_TO_DDP = 1.1  # issue 8: 4-peer moshpit time to accuracy <= 1.1x DDP-gloo
@@ -66,6 +76,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="per process: give up after this many (solo needs about 1,300 by default)")  # fmt: skip
     parser.add_argument("--matchmaking-time", type=float, default=1.0)
     parser.add_argument("--averaging-timeout", type=float, default=10.0)
+    parser.add_argument("--profile", action="store_true",
+                        help="py-spy one process of every run (rank 1; idle samples too) and read its CPU from /proc")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/time_to_accuracy.json"))
     parser.add_argument("--plot", type=Path, default=Path("docs/benchmarks/time_to_accuracy.png"))
     args = parser.parse_args(argv)
@@ -90,12 +102,12 @@ def run(workdir: Path, name: str, mode: str, processes: int, common: list[str], 
         extra = ["--target-batch-size", str(args.target_batch_size)]
     if mode != "ddp":
         extra += ["--stop-file", str(workdir / name.replace(" ", "_") / "reached")]
-    per_process = [[] for _ in range(processes)]
+    run_dir = workdir / name.replace(" ", "_")
+    per_process = profile_args(run_dir, processes) if args.profile else [[] for _ in range(processes)]
     if throttled:
-        per_process[-1] = ["--throttle-seconds", str(args.throttle_seconds)]
+        per_process[-1] = [*per_process[-1], "--throttle-seconds", str(args.throttle_seconds)]
     started = time.monotonic()
-    reports, launched = launch(workdir / name.replace(" ", "_"), mode, processes, [*common, *extra], per_process,
-                               timeout=1800)  # fmt: skip
+    reports, launched = launch(run_dir, mode, processes, [*common, *extra], per_process, timeout=1800)
     seconds = time_to_accuracy(reports, args.target_accuracy)
     full, rounds = full_rounds(reports)
     row = {
@@ -107,6 +119,7 @@ def run(workdir: Path, name: str, mode: str, processes: int, common: list[str], 
         "rounds_full": full, "rounds": rounds, "wall_seconds": time.monotonic() - started,
         "curve": [(e["time"] - e["eval_seconds"] - min(r["started"] for r in reports), e["accuracy"])
                   for e in reports[0]["evaluations"]],
+        "profile": reports[profiled_rank(processes)].get("profile"), "round_seconds": median_round_seconds(reports),
     }  # fmt: skip
     shown = f"{seconds:.1f} s" if seconds is not None else "not reached"
     print(f"  {name}: {shown} at step {row['steps_to_accuracy']} ({row['wall_seconds']:.0f} s)", flush=True)
@@ -128,6 +141,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         rows = [run(Path(tmp), name, mode, n, common, args, throttled) for name, mode, n, throttled in plan]
     add_ratios(rows)
     print_table(rows, args)
+    print_profiles(rows)
     report = {
         "command": "python benchmarks/time_to_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

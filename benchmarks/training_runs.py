@@ -111,8 +111,61 @@ def steps_to_accuracy(reports: Sequence[dict[str, Any]], target: float) -> Optio
     return min(hits)[1] if hits else None
 
 
+def median_round_seconds(reports: Sequence[dict[str, Any]]) -> Optional[float]:
+    """Median over all processes' successful rounds of :attr:`~lightning_moshpit.AveragingRound.seconds` (trigger to
+    averaged gradients loaded); ``None`` outside moshpit or without a successful round."""
+    seconds = sorted(r.get("seconds", 0.0) for report in reports for r in report["rounds"] if r.get("group_size"))
+    if not seconds:
+        return None
+    middle = len(seconds) // 2
+    return seconds[middle] if len(seconds) % 2 else (seconds[middle - 1] + seconds[middle]) / 2
+
+
 def full_rounds(reports: Sequence[dict[str, Any]]) -> tuple[int, int]:
     """(averaging rounds that gathered every process, all rounds) over the reports; (0, 0) outside moshpit."""
     size = len(reports)
     rounds = [r for report in reports for r in report["rounds"]]
     return sum(r.get("group_size") == size for r in rounds), len(rounds)
+
+
+def profiled_rank(processes: int) -> int:
+    """The process a ``--profile`` run samples: rank 1 (a swarm's rank 0 also hosts the bootstrap DHT), or 0 alone."""
+    return min(1, processes - 1)
+
+
+def profile_args(workdir: Path, processes: int) -> list[list[str]]:
+    """Per-process extra arguments that make :func:`profiled_rank` run py-spy on itself (raw stacks in ``workdir``)."""
+    extra: list[list[str]] = [[] for _ in range(processes)]
+    workdir.mkdir(parents=True, exist_ok=True)
+    extra[profiled_rank(processes)] = ["--profile", str(workdir / "profile.txt")]
+    return extra
+
+
+def print_profiles(rows: Sequence[dict[str, Any]]) -> None:
+    """Two tables from the rows' ``profile`` entries: where the profiled process's main thread spent its wall time
+    (py-spy, idle samples included), and the CPU seconds per second of training of its threads and processes."""
+    profiled = [row for row in rows if row.get("profile")]
+    if not profiled:
+        return
+    phases: list[str] = []
+    for row in profiled:
+        phases += [name for name in row["profile"]["main_thread_phases"] if name not in phases]
+    print("\nwall time of one process's main thread by phase (py-spy, idle samples included), share of its training")
+    print("| phase | " + " | ".join(row["run"] for row in profiled) + " |")
+    print("|---|" + "---|" * len(profiled))
+    for name in phases:
+        shares = [row["profile"]["main_thread_phases"].get(name, 0.0) for row in profiled]
+        print(f"| {name} | " + " | ".join(f"{share:.0%}" for share in shares) + " |")
+    rounds = [row for row in profiled if row.get("round_seconds") is not None]
+    if rounds:
+        print("\nmedian seconds from a peer's trigger to its averaged gradients (AveragingRound.seconds), all peers: "
+              + ", ".join(f"{row['run']} {row['round_seconds']:.2f} s" for row in rounds))
+    kinds = ["main thread", "other threads", "python children", "p2pd", "profiler"]
+    print("\nCPU of the same process while it trained: CPU seconds per wall second (1.0 = one core busy); the total "
+          "leaves out the profiler")
+    print("| run | wall s | " + " | ".join(kinds) + " | total |")
+    print("|---|---|" + "---|" * (len(kinds) + 1))
+    for row in profiled:
+        seconds, cpu = row["profile"]["seconds"], row["profile"]["cpu_seconds"]
+        busy = [cpu.get(kind, 0.0) / seconds if seconds else 0.0 for kind in kinds]
+        print(f"| {row['run']} | {seconds:.1f} | " + " | ".join(f"{b:.2f}" for b in busy) + f" | {sum(busy[:-1]):.2f} |")

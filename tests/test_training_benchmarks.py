@@ -75,3 +75,12 @@ def test_ddp_time_to_accuracy_is_compared_with_ddp_under_the_same_throttling() -
     ]
     time_to_accuracy.add_ratios(rows)
     assert [row["ratio_to_ddp"] for row in rows] == [1.0, 1.2, 1.0, 0.5, None]
+
+
+def test_round_seconds_are_the_median_of_successful_rounds_over_all_processes() -> None:
+    first, second = report(0, [1.0, 2.0]), report(1, [1.0, 2.0])
+    first["rounds"] = [{"group_size": 4, "seconds": 0.5}, {"group_size": 0, "seconds": 9.0}]  # the failed one is left out
+    second["rounds"] = [{"group_size": 4, "seconds": 1.5}, {"group_size": 2, "seconds": 3.0}]
+    assert training_runs.median_round_seconds([first, second]) == 1.5
+    assert training_runs.median_round_seconds([first]) == 0.5
+    assert training_runs.median_round_seconds([report(0, [1.0])]) is None  # DDP, solo: no rounds

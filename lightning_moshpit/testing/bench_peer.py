@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_moshpit import MoshpitStrategy
+from lightning_moshpit.testing import profiling
 
 MODES = ("solo", "ddp", "moshpit", "moshpit_dpu", "moshpit_local")
 TASKS = ("synthetic", "digits")
@@ -188,6 +189,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--start-barrier", type=Path, default=None, help="solo: wait for --barrier-count processes")
     parser.add_argument("--barrier-count", type=int, default=1)
     parser.add_argument("--address-file", type=Path, default=None, help="moshpit: write this peer's multiaddrs here")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="py-spy this process while it trains (raw stacks to this file, idle threads included) "
+                             "and add its CPU seconds by thread and process kind to the report")  # fmt: skip
     args = parser.parse_args(argv)
     if args.target_accuracy is not None and args.task != "digits":
         parser.error(f"--target-accuracy needs --task digits (the only task with a test set), got --task {args.task}")
@@ -217,6 +221,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     callbacks: list[L.Callback] = [clock, BatchBudget(args.max_steps)]
     if args.start_barrier is not None:
         callbacks.insert(0, StartBarrier(args.start_barrier, args.rank, args.barrier_count))
+    profiler = ProfileTraining(args.profile) if args.profile is not None else None
+    if profiler is not None:
+        callbacks.append(profiler)
     trainer = L.Trainer(
         strategy=strategy, accelerator="cpu", devices=int(os.environ.get("WORLD_SIZE", 1)) if args.mode == "ddp" else 1,
         max_steps=-1, max_epochs=-1,
@@ -237,6 +244,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         "optimizer_steps": optimizer_step(trainer),
         "rounds": [vars(r) for r in getattr(trainer.strategy, "averaging_rounds", [])],
         "final_accuracy": test_accuracy(model, test_set) if test_set is not None else None,
+        "profile": profiler.summary() if profiler is not None else None,
     }
     args.out.write_text(json.dumps(report))
 
@@ -257,6 +265,49 @@ class StartBarrier(L.Callback):
                 raise TimeoutError(f"only {len(list(self.directory.iterdir()))} of {self.count} processes reached the "
                                    f"start barrier in {self.directory} within {self.timeout} s")  # fmt: skip
             time.sleep(0.05)
+
+
+class ProfileTraining(L.Callback):
+    """Profile this process from the start of training to its end (after the start barriers). Two py-spy samplers:
+
+    - the main thread's wall time (``idle=True``, written to ``path``), summarised by phase;
+    - CPU only, this process *and* its children (hivemind's averager and DHT processes), written beside it with the
+      suffix ``.cpu.txt``, summarised by process role and innermost frame;
+
+    plus the CPU seconds of the main thread, other threads, child processes and p2pd over the same span. See
+    :mod:`lightning_moshpit.testing.profiling`."""
+
+    def __init__(self, path: Path, rate: int = 50) -> None:
+        self.path, self.rate = path, rate
+        self.cpu_path = path.with_suffix(".cpu.txt")
+        self._samplers: list[Any] = []
+        self._cpu_before: dict[str, float] = {}
+        self._cpu: dict[str, float] = {}
+        self._started = self._seconds = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._samplers = [
+            profiling.start_py_spy(os.getpid(), self.path, rate=self.rate, idle=True),
+            # a lower rate: with --subprocesses py-spy samples every process of the peer, and its CPU is not free
+            profiling.start_py_spy(os.getpid(), self.cpu_path, rate=max(1, self.rate // 3), subprocesses=True),
+        ]
+        time.sleep(1.0)  # let py-spy attach before the first batch
+        self._cpu_before = profiling.cpu_seconds_by_kind(os.getpid())
+        self._started = time.monotonic()
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._seconds = time.monotonic() - self._started
+        after = profiling.cpu_seconds_by_kind(os.getpid())
+        self._cpu = {kind: after[kind] - self._cpu_before.get(kind, 0.0) for kind in after}
+        for sampler in self._samplers:
+            profiling.stop_py_spy(sampler)
+
+    def summary(self) -> dict[str, Any]:
+        found, cpu_found = self.path.exists(), self.cpu_path.exists()
+        return {"raw": str(self.path), "seconds": self._seconds, "cpu_seconds": self._cpu,
+                "main_thread_phases": profiling.main_thread_phases(self.path) if found else {},
+                "main_thread_leaves": profiling.main_thread_leaves(self.path) if found else {},
+                "cpu_leaves": profiling.leaf_shares(self.cpu_path, top=15) if cpu_found else []}  # fmt: skip
 
 
 class BatchBudget(L.Callback):

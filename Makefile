@@ -67,13 +67,18 @@ demo: install
 	$(BIN)/python examples/local_swarm.py --peers 3
 
 ## make bench: the benchmark scripts (simulator ~30 s; averaging ~10 min, throughput ~15 min, time to accuracy
-## ~12 min on 2 cores); results go to docs/benchmarks/
+## ~12 min on 2 cores), then the profiled throughput and time-to-accuracy runs (~2 and ~8 min); results go to
+## docs/benchmarks/
 bench: install-dev
 	$(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python benchmarks/simulator.py
 	$(BIN)/python benchmarks/averaging.py --large-parts --profile
 	$(BIN)/python benchmarks/throughput.py
 	$(BIN)/python benchmarks/time_to_accuracy.py
+	$(BIN)/python benchmarks/throughput.py --ratios 32 --modes ddp moshpit moshpit_dpu --global-steps 6 --profile \
+		--out docs/benchmarks/throughput_profile.json --plot docs/benchmarks/throughput_profile.png
+	$(BIN)/python benchmarks/time_to_accuracy.py --no-solo --modes ddp moshpit moshpit_dpu --throttled-modes --profile \
+		--out docs/benchmarks/time_to_accuracy_profile.json --plot docs/benchmarks/time_to_accuracy_profile.png
 
 lint: install-dev
 	$(BIN)/ruff check lightning_moshpit tests examples benchmarks recipes

@@ -55,13 +55,37 @@ def launch(workdir: Path, mode: str, processes: int, common: Sequence[str],
             # only a swarm's later peers join through the first one's address; other modes start independently
             swarm.start_peer(args, bootstrap=rank == 0 or not swarm_mode, env=rank_env, module=BENCH_PEER)
         try:
-            codes = swarm.wait(timeout)
+            codes = wait_or_fail_fast(swarm.processes, timeout)
         except TimeoutError as error:
             raise RuntimeError(f"{mode} x{processes} timed out; logs in {workdir}") from error
-        if codes != [0] * processes:
+        if codes != [0] * processes:  # leaving the block kills whatever still runs
             logs = "\n".join(f"--- process {i}\n{swarm.log(i)[-2500:]}" for i in range(processes))
             raise RuntimeError(f"{mode} x{processes} exited with {codes}:\n{logs}")
     return [json.loads(swarm.report_path(rank).read_text()) for rank in range(processes)], launched
+
+
+def wait_or_fail_fast(processes: Sequence[Any], timeout: float, grace: float = 30.0,
+                      poll_every: float = 0.2) -> list[Optional[int]]:  # fmt: skip
+    """Exit codes of ``processes`` once all have exited, or as they stand ``grace`` s after the first one failed.
+
+    A DDP rank that dies leaves the others waiting in gloo forever (seen here: a rank that crashed at start-up hung
+    its run until the 30-minute timeout), and a swarm that lost a peer would finish without it, measuring something
+    else. Either way the run is void, so do not wait for it. ``None`` marks a process still running.
+    """
+    deadline = time.monotonic() + timeout
+    failed_at: Optional[float] = None
+    while True:
+        codes = [process.poll() for process in processes]
+        if all(code is not None for code in codes):
+            return codes
+        now = time.monotonic()
+        if failed_at is None and any(code not in (None, 0) for code in codes):
+            failed_at = now
+        if failed_at is not None and now - failed_at >= grace:
+            return codes
+        if now > deadline:
+            raise TimeoutError(f"{sum(code is None for code in codes)} process(es) still running after {timeout} s")
+        time.sleep(poll_every)
 
 
 def common_window(reports: Sequence[dict[str, Any]], warmup_batches: int) -> tuple[float, float]:

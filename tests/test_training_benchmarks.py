@@ -84,3 +84,24 @@ def test_round_seconds_are_the_median_of_successful_rounds_over_all_processes() 
     assert training_runs.median_round_seconds([first, second]) == 1.5
     assert training_runs.median_round_seconds([first]) == 0.5
     assert training_runs.median_round_seconds([report(0, [1.0])]) is None  # DDP, solo: no rounds
+
+
+class FakeProcess:
+    """Exits with ``code`` at its ``exits_after``-th poll (``None``: never)."""
+
+    def __init__(self, code: int, exits_after: int | None) -> None:
+        self.code, self.exits_after, self.polls = code, exits_after, 0
+
+    def poll(self) -> int | None:
+        self.polls += 1
+        return self.code if self.exits_after is not None and self.polls >= self.exits_after else None
+
+
+def test_a_failed_process_does_not_leave_the_launcher_waiting_for_the_others() -> None:
+    crashed, hung = FakeProcess(1, exits_after=1), FakeProcess(0, exits_after=None)  # a DDP rank waiting in gloo
+    codes = training_runs.wait_or_fail_fast([crashed, hung], timeout=60.0, grace=0.05, poll_every=0.01)
+    assert codes == [1, None]
+    finished = [FakeProcess(0, exits_after=3), FakeProcess(0, exits_after=1)]
+    assert training_runs.wait_or_fail_fast(finished, timeout=60.0, poll_every=0.0) == [0, 0]
+    with pytest.raises(TimeoutError, match="1 process"):
+        training_runs.wait_or_fail_fast([FakeProcess(0, None)], timeout=0.05, poll_every=0.01)

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_moshpit import MoshpitStrategy
 from lightning_moshpit.testing import profiling
+from lightning_moshpit.testing.launch import write_atomically
 
 MODES = ("solo", "ddp", "moshpit", "moshpit_dpu", "moshpit_local")
 TASKS = ("synthetic", "digits")
@@ -214,9 +215,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                         generator=torch.Generator().manual_seed(args.seed + args.rank))  # fmt: skip
     strategy = build_strategy(args)
     if args.address_file is not None:  # LocalSwarm's first process writes it; non-swarm modes have no address
-        tmp = args.address_file.with_suffix(".tmp")
-        tmp.write_text(",".join(strategy.peer_addresses) if isinstance(strategy, MoshpitStrategy) else "none")
-        tmp.rename(args.address_file)
+        addresses = ",".join(strategy.peer_addresses) if isinstance(strategy, MoshpitStrategy) else "none"
+        write_atomically(args.address_file, addresses)
     clock = StepClock(test_set, args.target_accuracy, args.stop_file)
     callbacks: list[L.Callback] = [clock, BatchBudget(args.max_steps)]
     if args.start_barrier is not None:

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from lightning_moshpit.callbacks import EditableTraining
 from lightning_moshpit.strategy import MoshpitStrategy
+from lightning_moshpit.testing.launch import write_atomically
 from lightning_moshpit.testing.peer import make_task
 
 
@@ -99,9 +100,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         host_maddrs=os.environ.get("MOSHPIT_HOST_MADDRS", "/ip4/127.0.0.1/tcp/0"),
     )
     if args.address_file is not None:
-        tmp = args.address_file.with_suffix(".tmp")
-        tmp.write_text(",".join(strategy.peer_addresses))
-        tmp.rename(args.address_file)
+        write_atomically(args.address_file, ",".join(strategy.peer_addresses))
     trainer = L.Trainer(
         strategy=strategy, accelerator="cpu", devices=1, max_steps=args.max_steps, max_epochs=-1, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -17,6 +17,7 @@ import torch
 from hivemind.utils import get_dht_time
 
 from lightning_moshpit.averaging import averager_options, grid_group_bits
+from lightning_moshpit.testing.launch import write_atomically
 
 
 def wait_for(path: Path, timeout: float) -> str:
@@ -57,9 +58,7 @@ def main() -> None:
     initial_peers = [] if args.rank == 0 else wait_for(address_file, 60).split(",")
     dht = hivemind.DHT(initial_peers=initial_peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
     if args.rank == 0:
-        tmp = address_file.with_suffix(".tmp")
-        tmp.write_text(",".join(str(a) for a in dht.get_visible_maddrs()))
-        tmp.rename(address_file)
+        write_atomically(address_file, ",".join(str(a) for a in dht.get_visible_maddrs()))
 
     tensor = torch.full((4096,), float(args.rank))  # large enough that every group member reduces a part
     bits = grid_group_bits(args.rank, args.num_peers, args.group_size)

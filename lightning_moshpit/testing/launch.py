@@ -114,6 +114,14 @@ class ForkedPeer:
 PeerProcess = Union[subprocess.Popen, ForkedPeer]
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers never see a partial file: a temporary file named after this process
+    (several processes may publish the same path at once, e.g. every DDP rank of a benchmark), then a rename."""
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.rename(path)
+
+
 def fast_start_default() -> bool:
     """Fork peers from the preloaded forkserver unless ``MOSHPIT_TEST_FAST_START=0``."""
     return os.environ.get("MOSHPIT_TEST_FAST_START", "1") != "0"

@@ -25,6 +25,7 @@ import lightning_moshpit
 from lightning_moshpit import MoshpitStrategy
 from lightning_moshpit.clipping import DEFAULT_DROP_FACTOR
 from lightning_moshpit.testing.attacks import ATTACKS, GRADIENT_ATTACKS, flip_labels, install_gradient_attack
+from lightning_moshpit.testing.launch import write_atomically
 
 
 def make_task(num_samples: int, num_features: int = 16, num_classes: int = 4, seed: int = 0) -> TensorDataset:
@@ -311,9 +312,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             **extra,
         )
         if args.address_file is not None:
-            tmp = args.address_file.with_suffix(".tmp")
-            tmp.write_text(",".join(strategy.peer_addresses))
-            tmp.rename(args.address_file)
+            write_atomically(args.address_file, ",".join(strategy.peer_addresses))
     trainer = L.Trainer(
         strategy=strategy, accelerator="cpu", devices=1, max_steps=args.max_steps, max_epochs=-1,
         accumulate_grad_batches=args.accumulate, precision=args.precision, logger=False,

@@ -140,7 +140,8 @@ class SwarmProgressTracker(ProgressTracker):
         """Fetch the swarm's progress from the DHT when due (or when asked), then parse it under the lock.
 
         hivemind 1.1.12's loop, changed in one place: the DHT lookup runs *before* ``lock_global_progress`` is taken,
-        not inside it. The lock exists so that a fetch cannot overwrite ``global_progress`` while the optimizer moves
+        not inside it (it still waits for the lock to be free before it starts, so, as in hivemind, no lookup competes
+        with a global step's averaging rounds for the CPU). The lock exists so that a fetch cannot overwrite ``global_progress`` while the optimizer moves
         to the next global step; parsing under it is enough for that, because the parsed global step is never below
         the local one (hivemind takes the maximum with ``local_progress``). A lookup that started before the local
         step changed is parsed anyway but does not count as this step's fetch, and the next fetch is due at once.
@@ -163,13 +164,16 @@ class SwarmProgressTracker(ProgressTracker):
                 if await loop.run_in_executor(None, self.global_state_updated.wait, time_to_next_update):
                     self.global_state_updated.clear()  # asked to fetch now (or to re-plan): start over
                     continue
-                epoch_at_fetch = self.local_progress.epoch
+                async with enter_asynchronously(self.lock_global_progress):
+                    pass  # as in hivemind, no lookup starts while the optimizer is in a global step (its rounds)
+                epoch_at_fetch, lookup_started = self.local_progress.epoch, time.time()
                 found = await fetch_unless_shutdown()
                 if self.shutdown_triggered.is_set():
                     break
                 async with enter_asynchronously(self.lock_global_progress):
                     metadata = found.value if isinstance(found, ValueWithExpiration) else None
                     self.global_progress = self._parse_swarm_progress_data(metadata)
+                    self.last_fetch_time = lookup_started  # the records are as old as the lookup, not the parse
                     if self.local_progress.epoch == epoch_at_fetch:
                         self.fetched_global_progress_this_epoch.set()
                     else:  # this peer stepped while the lookup ran: its records may predate the step
@@ -236,6 +240,8 @@ class SwarmOptimizer(hivemind.Optimizer):
         self.samples_reported = 0  #: samples this peer has contributed through step() since it was created
         self._rounds_lock = threading.Lock()
         self._failures_in_a_row = 0
+        self._fruitless_downloads = 0  # state downloads in a row that served nothing (see _count_fruitless_download)
+        self._fruitless_since: Optional[float] = None
         self._key_length = 0  # bits in this peer's current grid key (0: the whole swarm is one group)
         super().__init__(**kwargs)
 
@@ -417,14 +423,14 @@ class SwarmOptimizer(hivemind.Optimizer):
             super()._maybe_schedule_state_averaging()
 
     def _average_gradients_and_load_into_optimizer(self, maybe_step_control: Optional[StepControl]) -> None:
-        began = time.time()
+        began = time.perf_counter()
         super()._average_gradients_and_load_into_optimizer(maybe_step_control)
         if maybe_step_control is None:
             return  # no round was attempted: this peer was alone
         group_size = 0
         if maybe_step_control.done() and maybe_step_control.exception() is None:
             group_size = len(maybe_step_control.result())
-        self._record_round(group_size, seconds=time.time() - began)
+        self._record_round(group_size, seconds=time.perf_counter() - began)
 
     def _record_round(self, group_size: int, seconds: float = 0.0) -> None:
         record = AveragingRound(
@@ -544,8 +550,8 @@ class SwarmOptimizer(hivemind.Optimizer):
         The same as ``hivemind.Optimizer.load_state_from_peers`` except that it gives up after
         :data:`LOAD_STATE_ATTEMPTS` failed downloads with a ``RuntimeError`` instead of retrying forever (hivemind
         1.1.12 loops on any exception, so a peer whose download always fails, e.g. on a shape mismatch, would hang).
-        A download that raises nothing but serves nothing, while this peer is more than one global step behind,
-        counts as failed too (hivemind returns ``None`` then, and its ``step()`` would call this again every batch).
+        Downloads that raise nothing but serve nothing while this peer is more than one global step behind are
+        counted across calls, and raise once they have gone on too long: see :meth:`_count_fruitless_download`.
         """
         if self._joined:  # after the start barrier, a state download means this peer fell behind the swarm
             self.resyncs += 1
@@ -561,7 +567,7 @@ class SwarmOptimizer(hivemind.Optimizer):
 
         with self.tracker.pause_updates():
             for attempt in range(1, LOAD_STATE_ATTEMPTS + 1):
-                epoch_before, cause = self.local_epoch, None
+                epoch_before = self.local_epoch
                 try:
                     self.state_averager.load_state_from_peers(timeout=self.load_state_timeout, **kwargs)
                     if self.grad_averager is not None:
@@ -569,19 +575,15 @@ class SwarmOptimizer(hivemind.Optimizer):
                 except KeyboardInterrupt:
                     raise
                 except Exception as error:
-                    cause, problem = error, f"{type(error).__name__}: {error}"
-                else:
-                    if not self._download_was_fruitless(epoch_before):
-                        break
-                    problem = (f"no peer served a state (this peer is still at global step {self.local_epoch}, the "
-                               f"swarm at {self.tracker.global_epoch})")  # fmt: skip
-                if attempt == LOAD_STATE_ATTEMPTS:
-                    raise RuntimeError(
-                        f"Could not load the swarm's state (run_id={self.run_id!r}) after {attempt} attempts: {problem}"
-                    ) from cause
-                log.warning(f"Loading the swarm's state failed ({problem}); retrying")
-                if cause is None:
-                    time.sleep(min(2.0, self.matchmaking_time))  # peers that had nothing to serve may have it soon
+                    if attempt == LOAD_STATE_ATTEMPTS:
+                        raise RuntimeError(
+                            f"Could not load the swarm's state (run_id={self.run_id!r}) after {attempt} attempts: "
+                            f"{type(error).__name__}: {error}"
+                        ) from error
+                    log.warning(f"Loading the swarm's state failed ({type(error).__name__}: {error}); retrying")
+                    continue
+                self._count_fruitless_download(epoch_before)
+                break
 
             for _ in range(3):
                 if self.local_epoch != self.tracker.global_epoch - 1:
@@ -600,15 +602,43 @@ class SwarmOptimizer(hivemind.Optimizer):
                 if not self.client_mode:
                     self.grad_averager.state_sharing_priority = self.local_epoch
 
-    def _download_was_fruitless(self, epoch_before: int) -> bool:
-        """Whether a state download that raised nothing still left this peer more than one step behind the swarm.
+    def _count_fruitless_download(self, epoch_before: int) -> None:
+        """Raise ``RuntimeError`` once downloads that served nothing have gone on too long; otherwise just count.
 
-        hivemind's ``load_state_from_peers`` returns ``None`` both when it loaded a state and when no peer served one
-        (nobody answered, or every answer was refused), so the global step is the only evidence. Without this check
-        a peer that no one serves reloaded at every batch and never trained, silently. One step behind is left to
-        the catch-up below, as hivemind does: the swarm may have just stepped.
+        hivemind's ``load_state_from_peers`` returns ``None`` both when it loaded a state and when no peer served a
+        newer one (nobody answered, every holder refused, or the served state was not ahead), so the global step is
+        the only evidence. Such a download leaves this peer behind, and hivemind's ``step()`` downloads again at the
+        next batch: without a bound, a peer that nobody can serve never trains and never fails. It is not an error at
+        once, though: right after bootstrapping the holders may not be found yet, and a record of a peer that ran
+        ahead and died (or lied) keeps the swarm's step too high until it expires, which the tracker can only see
+        between calls. So it fails only after :data:`LOAD_STATE_ATTEMPTS` such downloads in a row spanning more than
+        :attr:`fruitless_download_budget` seconds. One step behind is left to the catch-up, as in hivemind.
         """
-        return self.local_epoch == epoch_before and self.local_epoch < self.tracker.global_epoch - 1
+        if self.local_epoch != epoch_before or self.local_epoch >= self.tracker.global_epoch - 1:
+            self._fruitless_downloads, self._fruitless_since = 0, None
+            return
+        now = time.monotonic()
+        self._fruitless_downloads += 1
+        self._fruitless_since = self._fruitless_since or now
+        waited = now - self._fruitless_since
+        if self._fruitless_downloads >= LOAD_STATE_ATTEMPTS and waited > self.fruitless_download_budget:
+            raise RuntimeError(
+                f"Could not load the swarm's state (run_id={self.run_id!r}): {self._fruitless_downloads} downloads in "
+                f"{waited:.0f} s served nothing newer than this peer's global step {self.local_epoch}, while the "
+                f"swarm's progress records claim step {self.tracker.global_epoch}. Causes: no peer that holds the "
+                f"state is reachable, they refuse this peer (a different swarm secret?), or a stale or false progress "
+                f"record."
+            )
+        log.warning(
+            f"No peer served a state newer than global step {self.local_epoch} (the swarm claims "
+            f"{self.tracker.global_epoch}); trying again at the next batch ({self._fruitless_downloads} in a row)"
+        )
+
+    @property
+    def fruitless_download_budget(self) -> float:
+        """Seconds of state downloads that serve nothing after which :meth:`load_state_from_peers` raises: twice the
+        lifetime of a progress record (at least 30 s), so that a record of a vanished peer has expired by then."""
+        return max(30.0, 2.0 * float(self.tracker.metadata_expiration))
 
     def __del__(self) -> None:
         # hivemind's __del__ shuts the averagers down. Lightning wraps optimizers in a dynamic subclass that shares

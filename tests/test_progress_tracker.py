@@ -58,7 +58,9 @@ class Stored:
 
 @pytest.fixture
 def tracker() -> Iterator[SwarmProgressTracker]:
-    tracker = SwarmProgressTracker(SlowLookupDHT(), "run", target_batch_size=512, start=True)
+    # a refresh period far longer than the tests: every lookup in them is one the tracker was asked for, or made due
+    tracker = SwarmProgressTracker(SlowLookupDHT(), "run", target_batch_size=512, start=True,
+                                   default_refresh_period=60.0, min_refresh_period=60.0, max_refresh_period=60.0)  # fmt: skip
     yield tracker
     tracker.shutdown(timeout=LOOKUP_SECONDS + 5)
     assert tracker.shutdown_complete.is_set(), "the tracker's thread did not stop"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import time
@@ -34,6 +35,7 @@ from lightning_moshpit import MoshpitStrategy
 from lightning_moshpit.testing import profiling
 from lightning_moshpit.testing.launch import write_atomically
 
+log = logging.getLogger(__name__)
 MODES = ("solo", "ddp", "moshpit", "moshpit_dpu", "moshpit_local")
 TASKS = ("synthetic", "digits")
 
@@ -292,6 +294,9 @@ class ProfileTraining(L.Callback):
             profiling.start_py_spy(os.getpid(), self.cpu_path, rate=max(1, self.rate // 3), subprocesses=True),
         ]
         time.sleep(1.0)  # let py-spy attach before the first batch
+        for sampler in self._samplers:
+            if sampler.poll() is not None:  # e.g. ptrace not permitted: the summary will be empty, say why
+                log.warning(f"py-spy exited at once (code {sampler.returncode}): {profiling.PY_SPY_HINT}")
         self._cpu_before = profiling.cpu_seconds_by_kind(os.getpid())
         self._started = time.monotonic()
 
@@ -299,7 +304,14 @@ class ProfileTraining(L.Callback):
         self._seconds = time.monotonic() - self._started
         after = profiling.cpu_seconds_by_kind(os.getpid())
         self._cpu = {kind: after[kind] - self._cpu_before.get(kind, 0.0) for kind in after}
-        for sampler in self._samplers:
+        self._stop()
+
+    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+        self._stop()  # a failed run leaves no sampler behind
+
+    def _stop(self) -> None:
+        samplers, self._samplers = self._samplers, []
+        for sampler in samplers:
             profiling.stop_py_spy(sampler)
 
     def summary(self) -> dict[str, Any]:

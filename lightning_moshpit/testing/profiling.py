@@ -48,6 +48,11 @@ LIGHTNING_LOOP = "Lightning loop, data loading and callbacks"
 PROFILER_FRAME = "ProfileTraining."
 
 
+#: Why a py-spy may fail to attach, for the warning a profiled process prints then.
+PY_SPY_HINT = ("py-spy needs ptrace permission on the target (root, CAP_SYS_PTRACE, or "
+               "/proc/sys/kernel/yama/ptrace_scope 0); run `py-spy record --pid PID` by hand to see its error")  # fmt: skip
+
+
 def py_spy_executable() -> str:
     """The py-spy binary: on ``PATH``, or beside this interpreter (a virtual environment that was not activated)."""
     found = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))

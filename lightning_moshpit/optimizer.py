@@ -91,6 +91,7 @@ class SwarmProgressTracker(ProgressTracker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._others: list[tuple[int, float, float]] = []  # (samples, report time, samples/s) of current-epoch peers
         self.last_fetch_time = time.time()  #: wall-clock time of the last swarm-progress fetch (stale after a pause)
+        self.refresh_requests = 0  #: :meth:`request_refresh` calls so far; a lookup older than the last one is stale
         self.implausible_records = 0  #: progress records ignored because their claims exceed the plausibility bound
         self._warned_implausible: dict[bytes, int] = {}  # peer id -> epoch of the last warning about it
         super().__init__(*args, **kwargs)
@@ -136,6 +137,17 @@ class SwarmProgressTracker(ProgressTracker):
         ]
         return progress
 
+    def request_refresh(self) -> None:
+        """Ask for a lookup that starts *after* this call; ``fetched_global_progress_this_epoch`` is set once it is in.
+
+        A lookup already in flight (e.g. one that was started before the process was paused) does not answer the
+        request: its records predate it.
+        """
+        self.refresh_requests += 1
+        self.fetched_global_progress_this_epoch.clear()
+        self.global_progress.next_fetch_time = 0.0
+        self.global_state_updated.set()
+
     async def _progress_fetcher(self) -> None:
         """Fetch the swarm's progress from the DHT when due (or when asked), then parse it under the lock.
 
@@ -144,7 +156,8 @@ class SwarmProgressTracker(ProgressTracker):
         with a global step's averaging rounds for the CPU). The lock exists so that a fetch cannot overwrite ``global_progress`` while the optimizer moves
         to the next global step; parsing under it is enough for that, because the parsed global step is never below
         the local one (hivemind takes the maximum with ``local_progress``). A lookup that started before the local
-        step changed is parsed anyway but does not count as this step's fetch, and the next fetch is due at once.
+        step changed, or before a :meth:`request_refresh`, is parsed anyway but does not count as this step's fetch,
+        and the next fetch is due at once.
         """
         loop = asyncio.get_event_loop()
         shutdown_checker = asyncio.create_task(
@@ -167,6 +180,7 @@ class SwarmProgressTracker(ProgressTracker):
                 async with enter_asynchronously(self.lock_global_progress):
                     pass  # as in hivemind, no lookup starts while the optimizer is in a global step (its rounds)
                 epoch_at_fetch, lookup_started = self.local_progress.epoch, time.time()
+                requests_at_fetch = self.refresh_requests
                 found = await fetch_unless_shutdown()
                 if self.shutdown_triggered.is_set():
                     break
@@ -174,9 +188,9 @@ class SwarmProgressTracker(ProgressTracker):
                     metadata = found.value if isinstance(found, ValueWithExpiration) else None
                     self.global_progress = self._parse_swarm_progress_data(metadata)
                     self.last_fetch_time = lookup_started  # the records are as old as the lookup, not the parse
-                    if self.local_progress.epoch == epoch_at_fetch:
+                    if self.local_progress.epoch == epoch_at_fetch and self.refresh_requests == requests_at_fetch:
                         self.fetched_global_progress_this_epoch.set()
-                    else:  # this peer stepped while the lookup ran: its records may predate the step
+                    else:  # this peer stepped, or asked for fresh records, while the lookup ran: fetch again now
                         self.global_progress.next_fetch_time = 0.0
         finally:
             log.log(self.status_loglevel, f"No longer fetching {self.training_progress_key}")
@@ -317,9 +331,12 @@ class SwarmOptimizer(hivemind.Optimizer):
     def refresh_progress(self, timeout: float) -> None:
         """Make the progress tracker fetch the swarm's progress now and wait (up to ``timeout``) until it has."""
         tracker = self.tracker
-        tracker.fetched_global_progress_this_epoch.clear()
-        tracker.global_progress.next_fetch_time = 0.0
-        tracker.global_state_updated.set()
+        if isinstance(tracker, SwarmProgressTracker):
+            tracker.request_refresh()  # a lookup that was in flight (say, across a SIGSTOP) does not count
+        else:
+            tracker.fetched_global_progress_this_epoch.clear()
+            tracker.global_progress.next_fetch_time = 0.0
+            tracker.global_state_updated.set()
         tracker.fetched_global_progress_this_epoch.wait(timeout)
 
     def join_swarm(self, min_peers: int, timeout: float, expect_others: bool = False) -> int:

@@ -98,3 +98,16 @@ def test_a_lookup_that_started_before_a_step_is_not_this_steps_fetch(tracker: Sw
     assert dht.lookup_started.wait(LOOKUP_SECONDS + 5), "no fresh lookup after the step"
     assert not tracker.fetched_global_progress_this_epoch.is_set()
     assert tracker.global_epoch == 1
+
+
+def test_a_refresh_is_not_answered_by_a_lookup_that_was_already_in_flight(tracker: SwarmProgressTracker) -> None:
+    # a paused peer resumes with a lookup from before the pause in flight; its records must not pass for fresh ones
+    dht = tracker.dht
+    assert isinstance(dht, SlowLookupDHT)
+    tracker.request_refresh()
+    assert dht.lookup_started.wait(10)
+    dht.lookup_started.clear()
+    tracker.request_refresh()  # asked while that lookup runs
+    assert dht.lookup_started.wait(LOOKUP_SECONDS + 5), "no fresh lookup after the refresh request"
+    assert not tracker.fetched_global_progress_this_epoch.is_set(), "the stale lookup answered the refresh"
+    assert tracker.fetched_global_progress_this_epoch.wait(LOOKUP_SECONDS + 5), "the fresh lookup never landed"

@@ -179,15 +179,13 @@ class SwarmProgressTracker(ProgressTracker):
                     continue
                 async with enter_asynchronously(self.lock_global_progress):
                     pass  # as in hivemind, no lookup starts while the optimizer is in a global step (its rounds)
-                epoch_at_fetch, lookup_started = self.local_progress.epoch, time.time()
-                requests_at_fetch = self.refresh_requests
+                epoch_at_fetch, requests_at_fetch = self.local_progress.epoch, self.refresh_requests
                 found = await fetch_unless_shutdown()
                 if self.shutdown_triggered.is_set():
                     break
                 async with enter_asynchronously(self.lock_global_progress):
                     metadata = found.value if isinstance(found, ValueWithExpiration) else None
                     self.global_progress = self._parse_swarm_progress_data(metadata)
-                    self.last_fetch_time = lookup_started  # the records are as old as the lookup, not the parse
                     if self.local_progress.epoch == epoch_at_fetch and self.refresh_requests == requests_at_fetch:
                         self.fetched_global_progress_this_epoch.set()
                     else:  # this peer stepped, or asked for fresh records, while the lookup ran: fetch again now

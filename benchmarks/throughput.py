@@ -45,10 +45,9 @@ from training_runs import (  # noqa: E402
     SWARM_MODES,
     full_rounds,
     launch,
-    median_round_seconds,
     print_profiles,
     profile_args,
-    profiled_rank,
+    profile_fields,
     samples_per_second,
 )
 
@@ -119,8 +118,7 @@ def measure(workdir: Path, name: str, mode: str, processes: int, common: list[st
         "per_process": rates, "per_peer": statistics.mean(rates), "total": sum(rates), "note": note,
         "first_batch_offsets": [r["batch_ends"][0] - min(x["batch_ends"][0] for x in reports) for r in reports],
         "optimizer_steps": [r["optimizer_steps"] for r in reports], "rounds_full": full, "rounds": rounds,
-        "wall_seconds": time.monotonic() - started, "profile": reports[profiled_rank(processes)].get("profile"),
-        "round_seconds": median_round_seconds(reports),
+        "wall_seconds": time.monotonic() - started, **profile_fields(reports),
     }  # fmt: skip
     print(f"  {name}: {row['per_peer']:.1f} samples/s per process ({row['wall_seconds']:.0f} s) {note}", flush=True)
     return row

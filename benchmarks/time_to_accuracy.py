@@ -46,10 +46,9 @@ from training_runs import (  # noqa: E402
     SWARM_MODES,
     full_rounds,
     launch,
-    median_round_seconds,
     print_profiles,
     profile_args,
-    profiled_rank,
+    profile_fields,
     steps_to_accuracy,
     time_to_accuracy,
 )
@@ -119,7 +118,7 @@ def run(workdir: Path, name: str, mode: str, processes: int, common: list[str], 
         "rounds_full": full, "rounds": rounds, "wall_seconds": time.monotonic() - started,
         "curve": [(e["time"] - e["eval_seconds"] - min(r["started"] for r in reports), e["accuracy"])
                   for e in reports[0]["evaluations"]],
-        "profile": reports[profiled_rank(processes)].get("profile"), "round_seconds": median_round_seconds(reports),
+        **profile_fields(reports),
     }  # fmt: skip
     shown = f"{seconds:.1f} s" if seconds is not None else "not reached"
     print(f"  {name}: {shown} at step {row['steps_to_accuracy']} ({row['wall_seconds']:.0f} s)", flush=True)

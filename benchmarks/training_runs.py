@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import socket
+import statistics
 import time
 import uuid
 from collections.abc import Sequence
@@ -138,11 +139,13 @@ def steps_to_accuracy(reports: Sequence[dict[str, Any]], target: float) -> Optio
 def median_round_seconds(reports: Sequence[dict[str, Any]]) -> Optional[float]:
     """Median over all processes' successful rounds of :attr:`~lightning_moshpit.AveragingRound.seconds` (trigger to
     averaged gradients loaded); ``None`` outside moshpit or without a successful round."""
-    seconds = sorted(r.get("seconds", 0.0) for report in reports for r in report["rounds"] if r.get("group_size"))
-    if not seconds:
-        return None
-    middle = len(seconds) // 2
-    return seconds[middle] if len(seconds) % 2 else (seconds[middle - 1] + seconds[middle]) / 2
+    seconds = [r.get("seconds", 0.0) for report in reports for r in report["rounds"] if r.get("group_size")]
+    return statistics.median(seconds) if seconds else None
+
+
+def profile_fields(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The row entries a ``--profile`` table reads: the profiled process's summary and the runs' median round time."""
+    return {"profile": reports[profiled_rank(len(reports))].get("profile"), "round_seconds": median_round_seconds(reports)}
 
 
 def full_rounds(reports: Sequence[dict[str, Any]]) -> tuple[int, int]:

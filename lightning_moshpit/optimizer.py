@@ -153,9 +153,10 @@ class SwarmProgressTracker(ProgressTracker):
 
         hivemind 1.1.12's loop, changed in one place: the DHT lookup runs *before* ``lock_global_progress`` is taken,
         not inside it (it still waits for the lock to be free before it starts, so, as in hivemind, no lookup competes
-        with a global step's averaging rounds for the CPU). The lock exists so that a fetch cannot overwrite ``global_progress`` while the optimizer moves
-        to the next global step; parsing under it is enough for that, because the parsed global step is never below
-        the local one (hivemind takes the maximum with ``local_progress``). A lookup that started before the local
+        with a global step's averaging rounds for the CPU). The lock exists so that a fetch cannot overwrite
+        ``global_progress`` while the optimizer moves to the next global step; parsing under it is enough for that,
+        because the parsed global step is never below the local one (hivemind takes the maximum with
+        ``local_progress``). A lookup that started before the local
         step changed, or before a :meth:`request_refresh`, is parsed anyway but does not count as this step's fetch,
         and the next fetch is due at once.
         """

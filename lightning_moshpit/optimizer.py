@@ -23,7 +23,6 @@ The fixes, kept in our layer and pinned to ``hivemind>=1.1.12,<1.2`` (the hooks 
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import random
@@ -38,7 +37,6 @@ from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTrack
 from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.p2p import PeerID
 from hivemind.utils import ValueWithExpiration, get_dht_time
-from hivemind.utils.asyncio import enter_asynchronously
 
 from lightning_moshpit.averaging import grid_group_bits, key_length, random_group_bits
 from lightning_moshpit.guards import ModelSignature, nonfinite_gradients
@@ -83,15 +81,11 @@ class SwarmProgressTracker(ProgressTracker):
     one step: see :func:`lightning_moshpit.security.implausible_progress`. Without that, one such record made every
     peer take an optimizer step at its next refresh.
 
-    And it never holds ``lock_global_progress`` across a DHT lookup (see :meth:`_progress_fetcher`): hivemind's fetch
-    loop did, so the training loop, which takes that lock to start each global step, waited for a network round trip.
-    Profiled on 4 peers of 2 cores with delayed parameter updates, that wait was 17% of the main thread's wall time.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._others: list[tuple[int, float, float]] = []  # (samples, report time, samples/s) of current-epoch peers
         self.last_fetch_time = time.time()  #: wall-clock time of the last swarm-progress fetch (stale after a pause)
-        self.refresh_requests = 0  #: :meth:`request_refresh` calls so far; a lookup older than the last one is stale
         self.implausible_records = 0  #: progress records ignored because their claims exceed the plausibility bound
         self._warned_implausible: dict[bytes, int] = {}  # peer id -> epoch of the last warning about it
         super().__init__(*args, **kwargs)
@@ -136,63 +130,6 @@ class SwarmProgressTracker(ProgressTracker):
             (p.samples_accumulated, p.time, p.samples_per_second) for p in others if p.epoch == progress.epoch
         ]
         return progress
-
-    def request_refresh(self) -> None:
-        """Ask for a lookup that starts *after* this call; ``fetched_global_progress_this_epoch`` is set once it is in.
-
-        A lookup already in flight (e.g. one that was started before the process was paused) does not answer the
-        request: its records predate it.
-        """
-        self.refresh_requests += 1
-        self.fetched_global_progress_this_epoch.clear()
-        self.global_progress.next_fetch_time = 0.0
-        self.global_state_updated.set()
-
-    async def _progress_fetcher(self) -> None:
-        """Fetch the swarm's progress from the DHT when due (or when asked), then parse it under the lock.
-
-        hivemind 1.1.12's loop, changed in one place: the DHT lookup runs *before* ``lock_global_progress`` is taken,
-        not inside it (it still waits for the lock to be free before it starts, so, as in hivemind, no lookup competes
-        with a global step's averaging rounds for the CPU). The lock exists so that a fetch cannot overwrite
-        ``global_progress`` while the optimizer moves to the next global step; parsing under it is enough for that,
-        because the parsed global step is never below the local one (hivemind takes the maximum with
-        ``local_progress``). A lookup that started before the local
-        step changed, or before a :meth:`request_refresh`, is parsed anyway but does not count as this step's fetch,
-        and the next fetch is due at once.
-        """
-        loop = asyncio.get_event_loop()
-        shutdown_checker = asyncio.create_task(
-            asyncio.wait_for(loop.run_in_executor(None, self.shutdown_triggered.wait), None)
-        )
-
-        async def fetch_unless_shutdown() -> Any:
-            getter = asyncio.create_task(
-                asyncio.wait_for(self.dht.get(self.training_progress_key, latest=True, return_future=True), None)
-            )
-            await asyncio.wait({getter, shutdown_checker}, return_when=asyncio.FIRST_COMPLETED)
-            return None if self.shutdown_triggered.is_set() else await getter
-
-        try:
-            while not self.shutdown_triggered.is_set():
-                time_to_next_update = max(0.0, self.global_progress.next_fetch_time - get_dht_time())
-                if await loop.run_in_executor(None, self.global_state_updated.wait, time_to_next_update):
-                    self.global_state_updated.clear()  # asked to fetch now (or to re-plan): start over
-                    continue
-                async with enter_asynchronously(self.lock_global_progress):
-                    pass  # as in hivemind, no lookup starts while the optimizer is in a global step (its rounds)
-                epoch_at_fetch, requests_at_fetch = self.local_progress.epoch, self.refresh_requests
-                found = await fetch_unless_shutdown()
-                if self.shutdown_triggered.is_set():
-                    break
-                async with enter_asynchronously(self.lock_global_progress):
-                    metadata = found.value if isinstance(found, ValueWithExpiration) else None
-                    self.global_progress = self._parse_swarm_progress_data(metadata)
-                    if self.local_progress.epoch == epoch_at_fetch and self.refresh_requests == requests_at_fetch:
-                        self.fetched_global_progress_this_epoch.set()
-                    else:  # this peer stepped, or asked for fresh records, while the lookup ran: fetch again now
-                        self.global_progress.next_fetch_time = 0.0
-        finally:
-            log.log(self.status_loglevel, f"No longer fetching {self.training_progress_key}")
 
     @property
     def estimated_samples_accumulated(self) -> float:
@@ -330,12 +267,9 @@ class SwarmOptimizer(hivemind.Optimizer):
     def refresh_progress(self, timeout: float) -> None:
         """Make the progress tracker fetch the swarm's progress now and wait (up to ``timeout``) until it has."""
         tracker = self.tracker
-        if isinstance(tracker, SwarmProgressTracker):
-            tracker.request_refresh()  # a lookup that was in flight (say, across a SIGSTOP) does not count
-        else:
-            tracker.fetched_global_progress_this_epoch.clear()
-            tracker.global_progress.next_fetch_time = 0.0
-            tracker.global_state_updated.set()
+        tracker.fetched_global_progress_this_epoch.clear()
+        tracker.global_progress.next_fetch_time = 0.0
+        tracker.global_state_updated.set()
         tracker.fetched_global_progress_this_epoch.wait(timeout)
 
     def join_swarm(self, min_peers: int, timeout: float, expect_others: bool = False) -> int:

@@ -140,23 +140,6 @@ class SwarmProgressPrinter(L.Callback):
         )
 
 
-class StopAtGlobalStep(L.Callback):
-    """Stops training once the *swarm* has taken ``max_global_steps`` optimizer steps.
-
-    Every peer moves to a new global step in the same averaging round, so all peers stop together, however many
-    local batches each one contributed. (``max_steps`` counts local batches, which differ from peer to peer.)
-    """
-
-    def __init__(self, max_global_steps: int) -> None:
-        self.max_global_steps = max_global_steps
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if getattr(trainer.strategy, "global_step", 0) >= self.max_global_steps:
-            trainer.should_stop = True
-
-
 def write_atomically(path: Path, text: str) -> None:
     """Write ``text`` so that a reader polling for ``path`` never sees a half-written file."""
     tmp = path.with_name(path.name + ".tmp")
@@ -207,10 +190,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--max-steps", type=int, default=300, help="at most this many local steps (batches)")
+    parser.add_argument(
+        "--max-steps", type=int, default=300,
+        help="at most this many local steps (batches); ignored while --max-global-steps is set",
+    )  # fmt: skip
     parser.add_argument(
         "--max-global-steps", type=int, default=25,
-        help="stop when the swarm reaches this global step (0: only --max-steps counts)",
+        help="every peer stops when the swarm reaches this global step, with the same model (0: only --max-steps)",
     )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=32, help="samples per local batch")
     parser.add_argument(
@@ -254,6 +240,7 @@ def main(argv: Optional[list[str]] = None) -> float:
         matchmaking_time=args.matchmaking_time,
         averaging_timeout=args.averaging_timeout,
         min_peers=args.min_peers,
+        max_global_steps=args.max_global_steps or None,  # every peer stops at this global step with the same model
     )  # run_id and initial_peers come from MOSHPIT_RUN_ID and MOSHPIT_INITIAL_PEERS
     announce_swarm(strategy, args.address_file)
 
@@ -267,8 +254,7 @@ def main(argv: Optional[list[str]] = None) -> float:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[SwarmProgressPrinter(args.log_every)]
-        + ([StopAtGlobalStep(args.max_global_steps)] if args.max_global_steps > 0 else []),
+        callbacks=[SwarmProgressPrinter(args.log_every)],
     )
     trainer.fit(model, train_loader)  # no validation during fit: peers keep pace with each other
     samples = trainer.global_step * args.batch_size  # drop_last=True: every batch is full

@@ -102,6 +102,17 @@ class SwarmProgress(L.Callback):
         strategy = trainer.strategy
         return strategy.global_step if isinstance(strategy, MoshpitStrategy) else trainer.global_step
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        strategy = trainer.strategy
+        if self.max_global_steps and isinstance(strategy, MoshpitStrategy):
+            # the strategy stops every peer at that step with the same model (and applies a delayed update first)
+            if strategy.max_global_steps not in (None, self.max_global_steps):
+                raise ValueError(
+                    f"SwarmProgress(max_global_steps={self.max_global_steps}) disagrees with "
+                    f"MoshpitStrategy(max_global_steps={strategy.max_global_steps}); set one of them"
+                )
+            strategy.max_global_steps = self.max_global_steps
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._started = time.monotonic()  # after the start barrier: the clock shows training time only
         self._step = self.global_step(trainer)
@@ -121,8 +132,8 @@ class SwarmProgress(L.Callback):
         if self._step is not None and step != self._step:
             self._record(trainer, self._step)
             self._step = step
-        if self.max_global_steps and step >= self.max_global_steps:
-            trainer.should_stop = True
+        if self.max_global_steps and step >= self.max_global_steps and not isinstance(trainer.strategy, MoshpitStrategy):
+            trainer.should_stop = True  # under MoshpitStrategy, its max_global_steps (set in setup) stops the peer
 
     def _record(self, trainer: L.Trainer, step: int) -> None:
         """Close global step ``step``: the mean loss of this peer's batches while the swarm was at that step."""

@@ -32,6 +32,8 @@ from hivemind.optim.progress_tracker import LocalTrainingProgress, TrainingProgr
 from hivemind.utils import ValueWithExpiration, get_dht_time
 from pydantic.v1 import BaseModel, StrictFloat, StrictStr, ValidationError, confloat, conint
 
+from lightning_moshpit.security import implausible_progress
+
 #: Roles a peer can announce in its metrics record; a peer without one counts as "trainer" (or "client").
 ROLES = ("trainer", "client", "aux", "monitor")
 
@@ -245,15 +247,20 @@ def read_swarm(
     progress: dict[bytes, LocalTrainingProgress] = _records(progress_future.result(timeout=timeout), LocalTrainingProgress)
     metrics: dict[bytes, PeerMetrics] = _records(metrics_future.result(timeout=timeout), PeerMetrics)
     metrics_by_peer = {record.peer_id: record for record in metrics.values()}
+    if target_batch_size is None:
+        published = [m.target_batch_size for m in metrics.values() if m.target_batch_size]
+        target_batch_size = max(published) if published else None
+    if target_batch_size is not None:
+        # the peers' trackers ignore these records (SwarmProgressTracker): count the swarm as the optimizer does
+        progress = {key: record for key, record in progress.items()
+                    if implausible_progress(record.samples_accumulated, record.samples_per_second, target_batch_size)
+                    is None}  # fmt: skip
     peers: list[PeerState] = []
     for record in progress.values():
         extra = metrics_by_peer.pop(record.peer_id, None)
         peers.append(_peer_state(record.peer_id, record, extra))
     for peer_id, extra in metrics_by_peer.items():  # e.g. auxiliary peers: metrics without progress
         peers.append(_peer_state(peer_id, None, extra))
-    if target_batch_size is None:
-        published = [m.target_batch_size for m in metrics.values() if m.target_batch_size]
-        target_batch_size = max(published) if published else None
     peers.sort(key=lambda peer: peer.peer_id)
     return SwarmSnapshot(run_id=run_id, time=time.time(), peers=peers, target_batch_size=target_batch_size)
 

@@ -98,8 +98,7 @@ class SwarmProgressTracker(ProgressTracker):
             return False
 
     def _plausible(self, progress: LocalTrainingProgress) -> bool:
-        problem = implausible_progress(progress.samples_accumulated, progress.samples_per_second,
-                                       self.target_batch_size, self.max_refresh_period)  # fmt: skip
+        problem = implausible_progress(progress.samples_accumulated, progress.samples_per_second, self.target_batch_size)
         if problem is None:
             return True
         self.implausible_records += 1
@@ -139,10 +138,14 @@ class SwarmProgressTracker(ProgressTracker):
         # the previous optimizer step), and by at most one refresh period (older: stalled or gone). Extrapolating
         # idle peers counted phantom samples and made 4 peers step ~10% early; not extrapolating made 2 peers step
         # ~15% late.
+        # A record may add at most what is left of the target: a fast peer (hivemind reports its speed on compute
+        # time only, so a GPU peer claims thousands of samples/s) is extrapolated to "the target is reached", never
+        # beyond, and a record is never rejected for being fast.
         others = sum(
             samples + (min(horizon, max(0.0, now - when)) * speed if samples > 0 else 0.0)
             for samples, when, speed in self._others
         )
+        others = min(others, max(self.target_batch_size, sum(samples for samples, _, _ in self._others)))
         own = self.local_progress.samples_accumulated if self.local_progress.epoch == self.global_progress.epoch else 0
         return own + others
 

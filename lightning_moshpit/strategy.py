@@ -31,7 +31,7 @@ from lightning_moshpit.adapters import (
 from lightning_moshpit.averaging import averager_options, check_group_size, make_compression
 from lightning_moshpit.guards import ModelSignature
 from lightning_moshpit.monitor import MetricsPublisher
-from lightning_moshpit.optimizer import AveragingRound, SwarmOptimizer
+from lightning_moshpit.optimizer import AveragingRound, SwarmOptimizer, SwarmProgressTracker
 from lightning_moshpit.reducers import (
     DEFAULT_CLIP_ITERS,
     DEFAULT_DROP_FACTOR,
@@ -91,6 +91,12 @@ class MoshpitStrategy(SingleDeviceStrategy):
             internet or with many peers. One global step never takes less than this.
         averaging_timeout: Give up on an averaging round after this many seconds and step with local gradients.
             Must exceed ``matchmaking_time``; about twice the time an all-reduce really takes.
+        max_global_steps: Every peer stops training once the swarm reaches this global step, with the same
+            parameters and buffers as the others, however many local batches it ran. Lightning's ``max_steps``
+            counts *local* batches, which differ between peers, so peers that stop by it end with different models;
+            with ``max_global_steps`` set, the Trainer's ``max_steps`` and ``max_epochs`` are lifted for the fit (a
+            peer that ran out of epochs would leave the swarm early). Default: env ``MOSHPIT_MAX_GLOBAL_STEPS``, else
+            ``None``: only the Trainer's own limits stop a peer.
         batch_size: Samples per local batch. ``None`` infers it from every batch (a short last batch is counted
             correctly); set it when your batches are not tensors or collections of tensors.
         group_size: Moshpit group side M, a power of two: peers average in groups of at most M on a grid. Swarms of
@@ -147,6 +153,7 @@ class MoshpitStrategy(SingleDeviceStrategy):
         host_maddrs: swarm.MaddrsArg = None,
         matchmaking_time: float = 5.0,
         averaging_timeout: float = 30.0,
+        max_global_steps: Optional[int] = None,
         batch_size: Optional[int] = None,
         group_size: int = 16,
         delay_parameter_updates: bool = False,
@@ -182,6 +189,7 @@ class MoshpitStrategy(SingleDeviceStrategy):
         self.announce_maddrs = swarm.parse_maddrs(announce_maddrs, "announce_maddrs")
         self.matchmaking_time = _positive_float(matchmaking_time, "matchmaking_time")
         self.averaging_timeout = _positive_float(averaging_timeout, "averaging_timeout")
+        self.max_global_steps = swarm.resolve_max_global_steps(max_global_steps)
         if self.averaging_timeout <= self.matchmaking_time:
             raise ValueError(
                 f"`averaging_timeout` ({averaging_timeout}) must be greater than `matchmaking_time` "
@@ -378,6 +386,31 @@ class MoshpitStrategy(SingleDeviceStrategy):
             self.min_peers, self.min_peers_timeout, expect_others=bool(self.initial_peers)
         )
         rank_zero_info(f"[moshpit] started with {seen} peer(s) visible, at global step {self.global_step}")
+        if self.max_global_steps is not None:
+            self._lift_local_limits()
+            self._stop_at_max_global_steps()
+
+    def _lift_local_limits(self) -> None:
+        """With ``max_global_steps``, the swarm's step ends the fit: lift the Trainer's local ``max_steps``/``max_epochs``."""
+        trainer = self.lightning_module.trainer
+        fit_loop = trainer.fit_loop
+        lifted = [f"{name}={value}" for name, value in (("max_steps", fit_loop.epoch_loop.max_steps),
+                                                          ("max_epochs", fit_loop.max_epochs)) if value not in (-1, None)]  # fmt: skip
+        fit_loop.epoch_loop.max_steps = -1
+        fit_loop.max_epochs = -1
+        if lifted:
+            rank_zero_info(f"[moshpit] max_global_steps={self.max_global_steps} ends this fit; ignoring the Trainer's "
+                           f"{', '.join(lifted)} (they count local batches, which differ between peers)")  # fmt: skip
+
+    def _stop_at_max_global_steps(self) -> None:
+        """Ask Lightning to stop once the swarm reached ``max_global_steps``, with any delayed update applied first."""
+        swarm_optimizer = self._swarm_optimizer
+        if self.max_global_steps is None or swarm_optimizer is None or self.global_step < self.max_global_steps:
+            return
+        if self.delay_parameter_updates:
+            # the last global step's update may still run in the background: apply it, or this peer stops one behind
+            swarm_optimizer.state_averager.step(wait_for_delayed_updates=True, apply_delayed_updates=True)
+        self.lightning_module.trainer.should_stop = True
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         batch = args[0] if args else kwargs.get("batch")
@@ -397,6 +430,7 @@ class MoshpitStrategy(SingleDeviceStrategy):
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
         self._log_swarm_metrics()
         self._publish_metrics(output)
+        self._stop_at_max_global_steps()
         return output
 
     def teardown(self) -> None:
@@ -582,6 +616,8 @@ class MoshpitStrategy(SingleDeviceStrategy):
             extra["moshpit/samples_per_second"] = (
                 self.target_batch_size * (last_epoch - first_epoch) / (last_time - first_time)
             )
+        if isinstance(swarm_optimizer.tracker, SwarmProgressTracker):
+            extra["moshpit/rejected_records"] = float(swarm_optimizer.tracker.implausible_records)
         rounds = swarm_optimizer.rounds
         if rounds:
             extra["moshpit/averaging_success_rate"] = sum(r.succeeded for r in rounds) / len(rounds)

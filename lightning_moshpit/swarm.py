@@ -24,6 +24,7 @@ ENV_INITIAL_PEERS = "MOSHPIT_INITIAL_PEERS"
 ENV_RUN_ID = "MOSHPIT_RUN_ID"
 ENV_TARGET_BATCH_SIZE = "MOSHPIT_TARGET_BATCH_SIZE"
 ENV_HOST_MADDRS = "MOSHPIT_HOST_MADDRS"
+ENV_MAX_GLOBAL_STEPS = "MOSHPIT_MAX_GLOBAL_STEPS"
 
 DEFAULT_RUN_ID = "moshpit"
 DEFAULT_TARGET_BATCH_SIZE = 4096
@@ -70,23 +71,35 @@ def parse_maddrs(value: MaddrsArg, name: str) -> list[str]:
     return items
 
 
-def resolve_target_batch_size(value: Optional[int]) -> int:
-    """The argument, else ``MOSHPIT_TARGET_BATCH_SIZE``, else the default; always a positive int."""
-    source = "target_batch_size"
+def _resolve_positive_int(value: Optional[int], name: str, env: str, default: Optional[int], meaning: str) -> Optional[int]:
+    """The argument ``name``, else the environment variable ``env``, else ``default``; a positive int when set."""
+    source = name
     if value is None:
-        raw = os.environ.get(ENV_TARGET_BATCH_SIZE) or None
+        raw = os.environ.get(env) or None
         if raw is None:
-            return DEFAULT_TARGET_BATCH_SIZE
-        source = ENV_TARGET_BATCH_SIZE
+            return default
+        source = env
         try:
             value = int(raw)
         except ValueError:
-            raise ValueError(
-                f"{ENV_TARGET_BATCH_SIZE}={raw!r} is not an integer; expected a positive integer"
-            ) from None
+            raise ValueError(f"{env}={raw!r} is not an integer; expected a positive integer ({meaning})") from None
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"`{source}` must be a positive integer (samples per global step), got {value!r}")
+        raise ValueError(f"`{source}` must be a positive integer ({meaning}), got {value!r}")
     return value
+
+
+def resolve_target_batch_size(value: Optional[int]) -> int:
+    """The argument, else ``MOSHPIT_TARGET_BATCH_SIZE``, else the default; always a positive int."""
+    resolved = _resolve_positive_int(value, "target_batch_size", ENV_TARGET_BATCH_SIZE, DEFAULT_TARGET_BATCH_SIZE,
+                                     "samples per global step")  # fmt: skip
+    assert resolved is not None
+    return resolved
+
+
+def resolve_max_global_steps(value: Optional[int]) -> Optional[int]:
+    """The argument, else ``MOSHPIT_MAX_GLOBAL_STEPS``, else ``None`` (no limit); a positive int when set."""
+    return _resolve_positive_int(value, "max_global_steps", ENV_MAX_GLOBAL_STEPS, None,
+                                 "the swarm global step at which every peer stops")  # fmt: skip
 
 
 def resolve_run_id(value: Optional[str]) -> str:

@@ -433,6 +433,7 @@ class SwarmOptimizer(hivemind.Optimizer):
           :attr:`stale_after` seconds): the peer refreshes it, and if the swarm moved on while it was away, it drops
           its now-stale gradients and loads the swarm's state instead of averaging them into the current step.
         """
+        self.check_children_alive()
         loss = None
         if closure is not None:
             # hivemind applies finished background (DPU) updates before running the closure; keep that order
@@ -456,6 +457,34 @@ class SwarmOptimizer(hivemind.Optimizer):
         if self.local_epoch != epoch_before and time.monotonic() - self._signature_published_at > 30.0:
             self.publish_model_signature()  # keep the record alive while this peer trains
         return loss if return_value is None else return_value
+
+    def check_children_alive(self) -> None:
+        """Raise ``RuntimeError`` if the DHT or an averager process of this peer died: waiting on it would hang."""
+        dead = [name for name, process in [("DHT", self.dht), *((type(a).__name__, a) for a in self.averagers())]
+                if process.is_alive() is False and process.exitcode is not None]  # fmt: skip
+        if dead:
+            raise RuntimeError(
+                f"This peer's {' and '.join(dead)} process(es) died (run_id={self.run_id!r}); it cannot average with "
+                f"the swarm any more. Restart the peer: it will load the swarm's state and go on."
+            )
+
+    def shutdown(self) -> None:
+        """Leave the swarm as ``hivemind.Optimizer.shutdown`` does, in bounded time even if a child process died.
+
+        hivemind's goodbye stores a record through the DHT process and waits for delayed updates in the averager
+        process; with either one dead, that blocked forever (a peer of ``benchmarks/resist.py`` never exited).
+        """
+        if self.dht.is_alive() and self.state_averager.is_alive():
+            super().shutdown()
+            return
+        log.warning("A child process of this peer had died; leaving the swarm without saying goodbye")
+        tracker = self.tracker
+        tracker.shutdown_triggered.set()
+        tracker.should_report_progress.set()
+        tracker.global_state_updated.set()
+        for averager in self.averagers():
+            if averager.is_alive():
+                averager.shutdown()
 
     @property
     def stale_after(self) -> float:

@@ -18,6 +18,7 @@ import hivemind
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.multiaddr import Multiaddr
 
+from lightning_moshpit.dht_process import SwarmDHT
 from lightning_moshpit.security import ENV_SWARM_SECRET, SecretAuthorizer, SecretRecordValidator, SwarmSecret
 
 ENV_INITIAL_PEERS = "MOSHPIT_INITIAL_PEERS"
@@ -176,7 +177,7 @@ def start_dht(
         if identity_path is not None:
             kwargs["identity_path"] = identity_path
         try:
-            return hivemind.DHT(**kwargs)
+            return SwarmDHT(**kwargs)
         except Exception as error:
             if initial_peers:
                 private_hint = (

@@ -154,3 +154,28 @@ def test_fp16_mixed_precision_trains_on_cuda(run_id) -> None:
     assert strategy.global_step == 8
     assert next(model.parameters()).device.type == "cuda"
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.timeout(120)
+def test_max_global_steps_ends_the_fit_there_whatever_the_trainer_limits(run_id) -> None:
+    """max_steps=3 local batches would stop after 0 global steps; max_global_steps=5 lifts it and stops at 5 exactly."""
+    strategy = make_strategy(run_id, target_batch_size=64, max_global_steps=5)
+    trainer = make_trainer(strategy, max_steps=3, max_epochs=1)
+    trainer.fit(TinyClassifier(), loader(num_samples=128, batch_size=16))  # 2 global steps per epoch
+    assert strategy.global_step == 5
+    assert trainer.global_step == 5 * 64 // 16  # local batches: it stopped at the first batch of global step 5
+    assert trainer.callback_metrics["moshpit/rejected_records"] == 0
+
+
+def test_max_global_steps_comes_from_the_environment_and_bad_values_name_the_setting(monkeypatch) -> None:
+    monkeypatch.setenv("MOSHPIT_MAX_GLOBAL_STEPS", "7")
+    assert MoshpitStrategy().max_global_steps == 7
+    assert MoshpitStrategy(max_global_steps=3).max_global_steps == 3  # the argument wins
+    monkeypatch.setenv("MOSHPIT_MAX_GLOBAL_STEPS", "seven")
+    with pytest.raises(ValueError, match="MOSHPIT_MAX_GLOBAL_STEPS='seven' is not an integer"):
+        MoshpitStrategy()
+    monkeypatch.delenv("MOSHPIT_MAX_GLOBAL_STEPS")
+    assert MoshpitStrategy().max_global_steps is None
+    for bad in (0, -2, 2.5, True):
+        with pytest.raises(ValueError, match=f"`max_global_steps` must be a positive integer .*got {bad!r}"):
+            MoshpitStrategy(max_global_steps=bad)

@@ -76,8 +76,11 @@ class SwarmProgress(L.Callback):
             training began, and ``group_size``: the most peers a gradient-averaging round of this peer averaged with
             (itself included) among the rounds that ended since the previous record; 0 when none succeeded (always
             0 without a swarm). A test can assert from it that peers really averaged, not only saw each other.
-            ``{peer}`` in the path becomes ``$MOSHPIT_PEER_INDEX`` (set by ``lightning-moshpit
-            local``), so local peers write separate files.
+            A peer that fell more than one step behind (paused, or starved of CPU) loads the swarm's state and jumps
+            ahead: each step it skipped still gets a record, with ``batches`` 0, ``loss`` NaN, ``group_size`` 0 and
+            ``caught_up`` true (``caught_up`` is false on every other record), so the file always holds one record
+            per global step from the first to the last. ``{peer}`` in the path becomes ``$MOSHPIT_PEER_INDEX`` (set
+            by ``lightning-moshpit local``), so local peers write separate files.
         print_every: Print every this many global steps (0: never).
     """
 
@@ -131,26 +134,35 @@ class SwarmProgress(L.Callback):
         step = self.global_step(trainer)
         if self._step is not None and step != self._step:
             self._record(trainer, self._step)
+            # A jump of more than one step: this peer loaded the swarm's state after falling behind. Without these
+            # records the steps in between vanished from the history, and a peer that jumped onto max_global_steps
+            # ended its history one or more steps short of the others (issue 16: ALBERT's last record was step 8 of 10).
+            for skipped in range(self._step + 1, step):
+                self._record(trainer, skipped, caught_up=True)
             self._step = step
         if self.max_global_steps and step >= self.max_global_steps and not isinstance(trainer.strategy, MoshpitStrategy):
             trainer.should_stop = True  # under MoshpitStrategy, its max_global_steps (set in setup) stops the peer
 
-    def _record(self, trainer: L.Trainer, step: int) -> None:
-        """Close global step ``step``: the mean loss of this peer's batches while the swarm was at that step."""
+    def _record(self, trainer: L.Trainer, step: int, caught_up: bool = False) -> None:
+        """Close global step ``step``: the mean loss of this peer's batches while the swarm was at that step.
+
+        ``caught_up``: this peer skipped the step (it loaded the swarm's state), so it has no batches and no round.
+        """
         mean = sum(self._losses) / len(self._losses) if self._losses else float("nan")
         peers = getattr(trainer.strategy, "num_peers", 1)
         rounds = getattr(trainer.strategy, "averaging_rounds", [])
         group = max((r.group_size for r in rounds[self._rounds_seen :]), default=0)
         self._rounds_seen = len(rounds)
         row = {"global_step": step, "loss": mean, "batches": len(self._losses), "peers": peers, "group_size": group,
-               "seconds": round(time.monotonic() - self._started, 3)}  # fmt: skip
+               "caught_up": caught_up, "seconds": round(time.monotonic() - self._started, 3)}  # fmt: skip
         self.history.append(row)
         self._losses = []
         if self.history_path is not None:
             with self.history_path.open("a") as file:
                 file.write(json.dumps(row) + "\n")
         if self.print_every and (step % self.print_every == 0 or step + 1 == self.max_global_steps):
-            print(f"[swarm] global step {step:4d} | loss {mean:.4f} | {row['batches']} "
+            what = "skipped: caught up by loading the swarm's state" if caught_up else f"loss {mean:.4f}"
+            print(f"[swarm] global step {step:4d} | {what} | {row['batches']} "
                   f"batches | peers {peers} | {row['seconds']:.0f} s", flush=True)  # fmt: skip
 
 

@@ -242,7 +242,10 @@ def test_callback_trains_a_model_in_a_trainer_and_logs_edit_metrics() -> None:
     metrics = trainer.callback_metrics
     for name in ("edit/success_rate", "edit/steps", "edit/loss", "edit/locality"):
         assert name in metrics, sorted(metrics)
-    assert 0 <= metrics["edit/success_rate"] <= 1 and 0 <= metrics["edit/steps"] <= 5 and metrics["edit/loss"] >= 0
+    # the epoch's 8 edits (a random sample each, relabelled with a random wrong class) all succeeded here, in about one
+    # editor step; with a broken editor (lr 1e-6) 0-1 of 8 succeed, only where the model already predicted the target
+    assert metrics["edit/success_rate"] >= 0.75, dict(metrics)
+    assert 0 <= metrics["edit/steps"] <= 5 and metrics["edit/loss"] >= 0
     assert callback.metrics["steps"].update_count == 8  # 256 samples / 32 per batch, reset each epoch
     assert "training_step" not in model.__dict__  # the wrapper is removed after fit
 
@@ -416,7 +419,13 @@ def check_editable_swarm_run(reports: list[dict]) -> None:
         assert report["training_step_restored"]
         last = report["edit_metrics"][-1]
         assert {"edit/success_rate", "edit/steps", "edit/loss", "edit/locality"} <= set(last), last
-        assert 0 <= last["edit/success_rate"] <= 1
+        print(
+            f"edit success rate {last['edit/success_rate']:.3f} (mean editor steps {last['edit/steps']:.2f}) over "
+            f"{report['edits']} edits"
+        )
+        # measured 0.52-0.58 in this swarm (0.78-0.88 for one peer training alone, which takes more optimizer steps
+        # in 60 batches); with a broken editor (lr 1e-9) 0.07-0.10: only edits whose target the model already predicted
+        assert last["edit/success_rate"] >= 0.3, last
     common = set(reports[0]["snapshots"]) & set(reports[1]["snapshots"])
     step = max(common, key=int)
     first, second = (report["snapshots"][step] for report in reports)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -68,6 +69,29 @@ def test_swarm_progress_stops_at_the_global_step_and_writes_one_record_per_step(
     assert [row["global_step"] for row in rows] == [0, 1, 2, 3, 4]
     assert all(row["batches"] == 1 and row["peers"] == 1 and row["group_size"] == 0 for row in rows)
     assert rows == progress.history
+
+
+class _JumpingProgress(SwarmProgress):
+    """A peer that fell behind after global step 1 and loaded the swarm's state at step 4 (local step 2)."""
+
+    @staticmethod
+    def global_step(trainer: L.Trainer) -> int:
+        return trainer.global_step if trainer.global_step < 2 else trainer.global_step + 2
+
+
+def test_swarm_progress_writes_a_caught_up_record_for_every_step_a_peer_skipped(tmp_path: Path) -> None:
+    """Issue 16: a peer that jumped from step 8 onto max_global_steps=10 ended its history at 8, with no record of 9."""
+    x = torch.randn(64, 4)
+    data = DataLoader(TensorDataset(x, x.sum(dim=1, keepdim=True)), batch_size=8)
+    progress = _JumpingProgress(max_global_steps=6, history_path=str(tmp_path / "h.jsonl"))
+    trainer = L.Trainer(max_epochs=10, callbacks=[progress], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(_Regression(), data)
+    rows = [json.loads(line) for line in (tmp_path / "h.jsonl").read_text().splitlines()]
+    assert [row["global_step"] for row in rows] == [0, 1, 2, 3, 4, 5]
+    assert [row["caught_up"] for row in rows] == [False, False, True, True, False, False]
+    assert [row["batches"] for row in rows] == [1, 1, 0, 0, 1, 1]
+    assert all(math.isnan(row["loss"]) for row in rows[2:4]) and all(math.isfinite(row["loss"]) for row in rows[4:])
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, True])

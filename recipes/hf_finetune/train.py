@@ -259,7 +259,8 @@ class FinetuneCLI(SwarmCLI):
         print(f"[hf_finetune] {count} edits of {callback.editable}: success rate {result.success_rate:.2%}, "
               f"mean editor steps {result.mean_steps:.2f}, drawdown {result.drawdown:.2%} "
               f"(base error {result.base_error:.2%})", flush=True)  # fmt: skip
-        return {"success_rate": result.success_rate, "mean_steps": result.mean_steps, "drawdown": result.drawdown}
+        return {"num_edits": result.num_edits, "success_rate": result.success_rate, "mean_steps": result.mean_steps,
+                "drawdown": result.drawdown, "base_error": result.base_error}  # fmt: skip
 
 
 def _unbatch(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ pytest.importorskip("transformers", reason="the recipes need the `recipes` extra
 pytest.importorskip("timm", reason="the recipes need the `recipes` extra: pip install -e '.[recipes]'")
 
 from cli_helpers import run_cli  # noqa: E402
+from swarm_history import averaged_both_peers_in_most_rounds, losses, read_history  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "albert"
@@ -65,8 +65,10 @@ def test_missing_training_text_is_a_clear_error() -> None:
 @pytest.mark.timeout(150)
 def test_two_local_peers_pretrain_tiny_albert_and_the_loss_falls(tmp_path: Path) -> None:
     """The README's ``lightning-moshpit local 2 -- python recipes/albert/train.py fit --tiny`` for 10 global steps of 32
-    sequences (matchmaking 0.5 s instead of 1 s: loopback). Masked-LM + sentence-order loss is finite and falls, and
-    the peers averaged gradients with each other."""
+    sequences (matchmaking 0.5 s instead of 1 s: loopback). Masked-LM + sentence-order loss is finite and falls, the
+    peers averaged gradients with each other in most global steps, and each peer's history has one record per global
+    step up to the last (issue 16: a peer that fell two steps behind loaded the swarm's state, jumped from step 8 onto
+    the stop at 10, and its history ended at 8; SwarmProgress now writes a ``caught_up`` record for a skipped step)."""
     steps = 10
     history = tmp_path / "history{peer}.jsonl"
     result = run_cli(
@@ -78,11 +80,11 @@ def test_two_local_peers_pretrain_tiny_albert_and_the_loss_falls(tmp_path: Path)
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-6000:]
     for peer in (0, 1):
-        rows = [json.loads(line) for line in (tmp_path / f"history{peer}.jsonl").read_text().splitlines()]
-        losses = [row["loss"] for row in rows if row["batches"]]
-        assert rows[-1]["global_step"] >= steps - 1, rows
-        assert sum(row["group_size"] == 2 for row in rows) >= steps // 3, rows  # rounds that averaged both peers
-        assert all(math.isfinite(loss) for loss in losses), losses
-        first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+        rows = read_history(tmp_path / f"history{peer}.jsonl", steps)
+        assert averaged_both_peers_in_most_rounds(rows), rows
+        peer_losses = losses(rows)
+        first, last = sum(peer_losses[:3]) / 3, sum(peer_losses[-3:]) / 3
+        print(f"peer {peer}: loss {first:.3f} -> {last:.3f}; {sum(r['group_size'] == 2 for r in rows)}/{len(rows)} "
+              f"steps averaged both peers; {sum(r['caught_up'] for r in rows)} skipped; {rows[-1]['seconds']:.0f} s")  # fmt: skip
         # 0.1 is about 3x the noise of a 3-step mean here (each peer contributes 1-4 batches of 8 sequences a step)
-        assert last < first - 0.1, f"peer {peer}: loss did not fall: {losses}"
+        assert last < first - 0.1, f"peer {peer}: loss did not fall: {peer_losses}"

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import random
+import statistics
 import sys
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import torch
 pytest.importorskip("transformers", reason="the recipes need the `recipes` extra: pip install -e '.[recipes]'")
 
 from cli_helpers import run_cli  # noqa: E402
+from swarm_history import averaged_both_peers_in_most_rounds, losses, read_history  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "hf_finetune"
@@ -31,10 +32,19 @@ TOPICS = {
     "cooking": "bake boil salt pepper oven pan knife fry sugar flour".split(),
 }
 FILLER = "the a of and it is was very today then".split()
-#: Global steps of 64 texts in the two-peer tests (matchmaking 0.5 s on loopback). Measured without a swarm: at lr 0.01
-#: the loss sits at ln 2 for about 6 updates, then falls to 0.33 by the 10th (accuracy 0.96); at lr 0.003 it had not
-#: moved after 10 (accuracy 0.48).
-STEPS = 12
+#: Global steps of 64 texts in the two-peer tests (matchmaking 0.5 s on loopback). The random-init BERT sits on a
+#: plateau at ln 2 before it learns, and the plateau's length varies with the batches drawn. Measured without a swarm
+#: (the same model, data, AdamW at lr 0.01 and schedule, one process with 64-text batches, 16 data orders): the first
+#: update has lr 0 (linear warmup from 0 over 2 steps) and the loss leaves ln 2 after 7 to 11 updates. So 12 global
+#: steps (the old setting) ended on the plateau's edge: the mean of the last 3 steps fell by -0.01 to 0.46 below the
+#: first 3 (issue 16's run: 0.693 -> 0.665). With 20 steps it fell by 0.54 to 0.69 in all 16 orders.
+STEPS = 20
+#: Least fall of the loss (median of the first 3 steps minus median of the last 3) in the two-peer tests: from ln 2 = 0.69
+#: to below 0.39. Measured two-peer runs ended at 0.07 to 0.25 (issue 16's notes).
+FALL = 0.3
+#: Least share of the 20 edits (after fit, on held-out texts) that must succeed under ``--editable``. Measured: 20 of 20
+#: in each run, but with 8.5 to 9.5 editor steps on average of the 10 allowed, so close to the limit: 0.75 leaves room.
+EDIT_SUCCESS = 0.75
 
 
 def write_texts(path: Path, count: int, seed: int) -> None:
@@ -101,13 +111,17 @@ def run_two_peers(tmp_path: Path, *extra: str, steps: int = STEPS) -> list[dict]
     assert "held-out accuracy before fine-tuning" in result.stdout
     reports = []
     for peer in (0, 1):
-        rows = [json.loads(line) for line in (tmp_path / f"history{peer}.jsonl").read_text().splitlines()]
-        losses = [row["loss"] for row in rows if row["batches"]]
-        assert all(math.isfinite(loss) for loss in losses), losses
-        assert rows[-1]["global_step"] >= steps - 1, rows
-        assert sum(row["group_size"] == 2 for row in rows) >= steps // 3, rows  # rounds that averaged both peers
-        assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, f"peer {peer}: loss did not fall: {losses}"
+        rows = read_history(tmp_path / f"history{peer}.jsonl", steps)
+        assert averaged_both_peers_in_most_rounds(rows), rows
+        peer_losses = losses(rows)
+        # medians: under --editable a step's loss includes the edit term, which jumps (0.07 -> 2.9 at the last step of
+        # both peers, measured) when the simulated edit of a confident head fails; the accuracy shows the task learned
+        first, last = statistics.median(peer_losses[:3]), statistics.median(peer_losses[-3:])
+        print(f"peer {peer}: loss {first:.3f} -> {last:.3f}; {sum(r['group_size'] == 2 for r in rows)}/{len(rows)} "
+              f"steps averaged both peers; {rows[-1]['seconds']:.0f} s of training")  # fmt: skip
+        assert last < first - FALL, f"peer {peer}: loss did not fall: {peer_losses}"
         reports.append(json.loads((tmp_path / f"report{peer}.json").read_text()))
+        print(f"peer {peer}: report {reports[-1]}")
     return reports
 
 
@@ -123,7 +137,11 @@ def test_two_local_peers_fine_tune_a_tiny_random_bert(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_editable_flag_adds_editable_training_on_the_classifier_head(tmp_path: Path) -> None:
-    # The editability term slows the start: in 12 global steps the loss had not left ln 2; with 20 it fell (measured).
-    reports = run_two_peers(tmp_path, "--editable", steps=20)
+    """``--editable``: the model still learns the task, and after fit the recipe's 20 wrong-label edits of held-out
+    texts (each on the unedited model, with the callback's editor and step limit) succeed."""
+    reports = run_two_peers(tmp_path, "--editable")
     for report in reports:
         assert report["accuracy_after"] >= 0.9, report
+        edits = report["edits"]
+        assert edits["num_edits"] == 20, report
+        assert edits["success_rate"] >= EDIT_SUCCESS, report

@@ -1,55 +1,81 @@
 """Scenario 8: one Byzantine peer of four sends its gradients times -1000; CenteredClip keeps the swarm training.
 
-With ``aggregation="mean"`` this attack makes every honest peer's loss explode within a few global steps (the mean
-moves by 1000/4 gradients the wrong way). See benchmarks/attacks.py and docs/security.md for every attack.
+The test runs three swarms of four peers with the same settings and seeds, and compares the honest peers' held-out
+accuracy when the swarm reaches the same global step:
+
+- **clean**: four honest peers with CenteredClip: how far the task gets in that many global steps;
+- **attacked, CenteredClip**: peer 3 sign-flips its gradients (x -1000);
+- **attacked, mean** (the control): the same attack against hivemind's plain mean, which it wrecks (the mean moves by
+  1000/4 gradients the wrong way: parameters blow up or turn NaN within a global step or two).
+
+See benchmarks/attacks.py and docs/security.md for every attack over 25 global steps and 3 seeds.
 """
 
 from __future__ import annotations
 
+import time
+from typing import Callable
+
 import pytest
 
 from lightning_moshpit.testing import scenarios
+from lightning_moshpit.testing.launch import LocalSwarm
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
 
+PEERS = 4
 ATTACKER = 3  # not the bootstrap peer, so the honest peers' swarm does not depend on it
-GLOBAL_STEPS = 5  # every peer stops when the swarm reaches it (512 samples each: ~8 local steps per peer per step)
+GLOBAL_STEPS = 20  # every peer stops when the swarm reaches it (512 samples: ~4 local steps per peer per step)
+#: benchmarks/attacks.py's settings: an MLP 64-64-10 on scikit-learn's digits (bundled), SGD lr 0.2 with momentum
+SETTINGS = ["--task", "digits", "--hidden", "64", "--lr", "0.2", "--batch-size", "32", "--min-peers", str(PEERS),
+            "--matchmaking-time", "1.0", "--averaging-timeout", "10", "--max-global-steps", str(GLOBAL_STEPS),
+            "--max-steps", str(20 * GLOBAL_STEPS)]  # fmt: skip
 
 
-def loss_at_global_step(reports: list[dict], step: int, window: int = 10) -> float:
-    """Mean training loss of ``reports``' peers over their last ``window`` local steps taken at global step <= step."""
-    values = []
-    for report in reports:
-        losses = [loss for loss, at in zip(report["losses"], report["global_steps"]) if at <= step]
-        values += losses[-window:]
-    return sum(values) / len(values)
-
-
-def test_centered_clip_keeps_honest_peers_training_despite_a_sign_flipping_peer(make_swarm, fault_free) -> None:
-    swarm = make_swarm()
-    for index in range(4):
-        attack = ["--attack", "sign_flip", "--attack-scale", "1000"] if index == ATTACKER else []
-        swarm.start_peer([*scenarios.PEER_ARGS, "--min-peers", "4", "--seed", str(index), "--max-steps", "150",
-                          "--max-global-steps", str(GLOBAL_STEPS), "--aggregation", "centered_clip", *attack])  # fmt: skip
+def run_swarm(make_swarm: Callable[..., LocalSwarm], name: str, aggregation: str, attack: bool) -> list[dict]:
+    """One swarm of ``PEERS`` peers (peer ``ATTACKER`` sign-flipping if ``attack``); the honest peers' reports."""
+    swarm = make_swarm(name)
+    started = time.monotonic()
+    for index in range(PEERS):
+        byzantine = ["--attack", "sign_flip", "--attack-scale", "1000"] if attack and index == ATTACKER else []
+        swarm.start_peer([*SETTINGS, "--seed", str(index), "--aggregation", aggregation, *byzantine])
     codes = swarm.wait(150)
-    assert codes == [0, 0, 0, 0], [swarm.log(i)[-3000:] for i in range(4)]
-    honest = [scenarios.load_report(swarm.report_path(i)) for i in range(4) if i != ATTACKER]
-    scenarios.figures("byzantine (1 of 4 peers sends -1000 x its gradients; centered_clip)", honest)
+    honest = [i for i in range(PEERS) if not (attack and i == ATTACKER)]
+    assert [codes[i] for i in honest] == [0] * len(honest), [swarm.log(i)[-3000:] for i in honest]
+    reports = [scenarios.load_report(swarm.report_path(i)) for i in honest]
+    scenarios.figures(f"byzantine: {name}", reports)
+    accuracies = [round(report["test_accuracy"], 3) for report in reports]
+    print(f"  {name}: {time.monotonic() - started:.0f} s; global steps {[r['global_step'] for r in reports]}; resyncs {[r['resyncs'] for r in reports]}; honest "
+          f"test accuracy {accuracies}; test loss {[round(r['test_loss'], 3) for r in reports]}")  # fmt: skip
+    if attack and aggregation == "centered_clip":
+        # the attack went through the real averaging, and the honest reducers saw it and clipped it
+        logs = [swarm.log(i) for i in honest]
+        assert any("CenteredClip: peer" in log for log in logs), logs[0][-3000:]
+    return reports
 
-    # the attack went through the real averaging, and the honest reducers saw it and clipped it
-    logs = [swarm.log(i) for i in range(4) if i != ATTACKER]
-    assert any("CenteredClip: peer" in log and "away from the robust average" in log for log in logs), logs[0][-3000:]
-    assert sum(r["succeeded"] for report in honest for r in report["rounds"]) > 0
 
-    assert all(scenarios.all_finite(report) for report in honest)
-    step = min(report["global_step"] for report in honest)
-    attacked = loss_at_global_step(honest, step)
-    reference = loss_at_global_step(fault_free, step)
-    initial = sum(scenarios.initial_loss(report) for report in honest) / len(honest)
-    print(f"honest peers' loss at global step {step}: {attacked:.3f} (fault-free swarm at that step: {reference:.3f}; "
-          f"initial {initial:.3f}); test accuracy {[round(r['test_accuracy'], 3) for r in honest]}")  # fmt: skip
-    assert step >= 3, "too few global steps to judge training"
-    # With the mean this loss is in the hundreds or NaN after one global step; 0.15 is about the spread of this
-    # 10-step average between fault-free runs. (A few global steps of this task lower the loss by only ~0.1, so the
-    # test does not claim more than "as good as honest training, within noise".)
-    assert attacked < reference + 0.15
+def mean_accuracy(reports: list[dict]) -> float:
+    return sum(report["test_accuracy"] for report in reports) / len(reports)
+
+
+def test_centered_clip_keeps_honest_peers_training_despite_a_sign_flipping_peer(make_swarm) -> None:
+    clean = run_swarm(make_swarm, "clean, centered_clip", "centered_clip", attack=False)
+    clipped = run_swarm(make_swarm, "attacked, centered_clip", "centered_clip", attack=True)
+    control = run_swarm(make_swarm, "attacked, mean", "mean", attack=True)
+    accuracy = {"clean": mean_accuracy(clean), "centered_clip": mean_accuracy(clipped), "mean": mean_accuracy(control)}
+    print(
+        "honest peers' mean held-out accuracy at the end:", {name: round(value, 3) for name, value in accuracy.items()}
+    )
+
+    # both CenteredClip runs went the whole way: every honest peer stopped at the same swarm global step
+    assert all(report["global_step"] == GLOBAL_STEPS for report in clean + clipped), "not every peer reached the step"
+    assert all(scenarios.all_finite(report) for report in clipped)
+    # the clean run learns (10 classes: chance is 0.10): measured 0.76-0.82 in 4 runs on the shared 2-core machine
+    assert accuracy["clean"] >= 0.6, accuracy
+    # under attack CenteredClip stays close to the clean run: measured -0.04 to +0.03 (3 runs; one more at -0.13 was
+    # an honest peer stopped early by a then lower --max-steps); over 25 steps the benchmark's runs vary by ~5 points
+    assert accuracy["centered_clip"] >= accuracy["clean"] - 0.15, accuracy
+    # the same attack wrecks the plain mean (parameters NaN, accuracy that of a constant prediction): measured
+    # 0.08-0.14, 0.6-0.7 below CenteredClip; so the gap above comes from the aggregation, not an attack that is harmless
+    assert accuracy["mean"] <= 0.3, accuracy
+    assert accuracy["centered_clip"] >= accuracy["mean"] + 0.3, accuracy

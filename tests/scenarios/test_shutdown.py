@@ -29,7 +29,12 @@ def test_ctrl_c_in_fit_shuts_the_peer_down_cleanly_and_the_swarm_goes_on(make_sw
     log = swarm.log(1)
     print(f"interrupted peer exited with code {code} after {took:.1f} s")
     assert "KeyboardInterrupt" in log, log[-3000:]
-    assert code != -signal.SIGKILL
+    # Lightning's fit turns the KeyboardInterrupt into a graceful shutdown (on_exception hooks, then the strategy's
+    # teardown, which closes the optimizer's averagers and the DHT) and ends with sys.exit(1), whether the peer is a
+    # forked process or `python -m`. So 1 and only 1 says that path ran to its end: 0 would mean Ctrl-C was swallowed
+    # and training finished; -SIGINT that the interrupt escaped Lightning's handler (no teardown); -SIGKILL that the
+    # peer hung and was killed; another code that the shutdown itself raised.
+    assert code == 1, f"exit code {code}; log:\n{log[-3000:]}"
     deadline = time.monotonic() + 15
     while swarm.leftover_processes([1]) and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 #: ``--editable`` stands for these arguments: the EditableTraining callback on the classification head.
 EDITABLE_ARGS = ["--trainer.callbacks+=lightning_moshpit.callbacks.EditableTraining",
                  "--trainer.callbacks.editable=model.classifier.*", "--trainer.callbacks.editor=rmsprop",
-                 "--trainer.callbacks.lr=0.01", "--trainer.callbacks.c_loc=0.1"]  # fmt: skip
+                 "--trainer.callbacks.lr=0.05", "--trainer.callbacks.c_loc=0.1"]  # fmt: skip
 
 
 def resolve_model_path(name: str) -> str:

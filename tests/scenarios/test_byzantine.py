@@ -25,8 +25,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
 
 PEERS = 4
 ATTACKER = 3  # not the bootstrap peer, so the honest peers' swarm does not depend on it
-GLOBAL_STEPS = 20  # every peer stops when the swarm reaches it (512 samples: ~4 local steps per peer per step)
-#: benchmarks/attacks.py's settings: an MLP 64-64-10 on scikit-learn's digits (bundled), SGD lr 0.2 with momentum
+#: every peer stops when the swarm reaches it (the clean run's accuracy: ~0.53 at step 12, ~0.78 at step 20)
+GLOBAL_STEPS = 20
+#: benchmarks/attacks.py's settings: an MLP 64-64-10 on scikit-learn's digits (bundled), SGD lr 0.2 with momentum,
+#: 512 samples per global step. The local-step cap only ends the mean control, whose swarm stops advancing once its
+#: parameters are NaN (at global step 10-12); honest CenteredClip peers took 78-185 local steps to reach step 20.
 SETTINGS = ["--task", "digits", "--hidden", "64", "--lr", "0.2", "--batch-size", "32", "--min-peers", str(PEERS),
             "--matchmaking-time", "1.0", "--averaging-timeout", "10", "--max-global-steps", str(GLOBAL_STEPS),
             "--max-steps", str(20 * GLOBAL_STEPS)]  # fmt: skip
@@ -45,8 +48,11 @@ def run_swarm(make_swarm: Callable[..., LocalSwarm], name: str, aggregation: str
     reports = [scenarios.load_report(swarm.report_path(i)) for i in honest]
     scenarios.figures(f"byzantine: {name}", reports)
     accuracies = [round(report["test_accuracy"], 3) for report in reports]
-    print(f"  {name}: {time.monotonic() - started:.0f} s; global steps {[r['global_step'] for r in reports]}; resyncs {[r['resyncs'] for r in reports]}; honest "
-          f"test accuracy {accuracies}; test loss {[round(r['test_loss'], 3) for r in reports]}")  # fmt: skip
+    losses = [round(report["test_loss"], 3) for report in reports]
+    print(
+        f"  {name}: {time.monotonic() - started:.0f} s; global steps {[r['global_step'] for r in reports]}; "
+        f"resyncs {[r['resyncs'] for r in reports]}; honest test accuracy {accuracies}; test loss {losses}"
+    )
     if attack and aggregation == "centered_clip":
         # the attack went through the real averaging, and the honest reducers saw it and clipped it
         logs = [swarm.log(i) for i in honest]
@@ -70,11 +76,13 @@ def test_centered_clip_keeps_honest_peers_training_despite_a_sign_flipping_peer(
     # both CenteredClip runs went the whole way: every honest peer stopped at the same swarm global step
     assert all(report["global_step"] == GLOBAL_STEPS for report in clean + clipped), "not every peer reached the step"
     assert all(scenarios.all_finite(report) for report in clipped)
-    # the clean run learns (10 classes: chance is 0.10): measured 0.76-0.82 in 4 runs on the shared 2-core machine
-    assert accuracy["clean"] >= 0.6, accuracy
-    # under attack CenteredClip stays close to the clean run: measured -0.04 to +0.03 (3 runs; one more at -0.13 was
-    # an honest peer stopped early by a then lower --max-steps); over 25 steps the benchmark's runs vary by ~5 points
-    assert accuracy["centered_clip"] >= accuracy["clean"] - 0.15, accuracy
+    # the clean run learns (10 classes: chance is 0.10; 0.53 after 12 global steps): measured 0.69-0.82 in 7 runs on
+    # the shared 2-core machine (mean 0.78, sd ~0.05)
+    assert accuracy["clean"] >= 0.55, accuracy
+    # under attack CenteredClip stays close to the clean run: CenteredClip minus clean measured -0.04 to +0.11 in 6 runs
+    # (one more at -0.13 had an honest peer stopped early by a then lower --max-steps). Each run's accuracy varies by
+    # ~0.05 at this step, so their difference by ~0.07: 0.2 is about 3 of those, far above the mean control's loss
+    assert accuracy["centered_clip"] >= accuracy["clean"] - 0.2, accuracy
     # the same attack wrecks the plain mean (parameters NaN, accuracy that of a constant prediction): measured
     # 0.08-0.14, 0.6-0.7 below CenteredClip; so the gap above comes from the aggregation, not an attack that is harmless
     assert accuracy["mean"] <= 0.3, accuracy

@@ -460,8 +460,9 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     def check_children_alive(self) -> None:
         """Raise ``RuntimeError`` if the DHT or an averager process of this peer died: waiting on it would hang."""
+        # exitcode polls the child (waitpid WNOHANG): None while it runs or before it started
         dead = [name for name, process in [("DHT", self.dht), *((type(a).__name__, a) for a in self.averagers())]
-                if process.is_alive() is False and process.exitcode is not None]  # fmt: skip
+                if process.exitcode is not None]  # fmt: skip
         if dead:
             raise RuntimeError(
                 f"This peer's {' and '.join(dead)} process(es) died (run_id={self.run_id!r}); it cannot average with "

@@ -53,17 +53,23 @@ class _Regression(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
+def _fit_without_swarm(progress: SwarmProgress) -> L.Trainer:
+    """Fit the small regression model on 8 batches per epoch, for up to 10 epochs, with ``progress`` attached."""
+    x = torch.randn(64, 4)
+    data = DataLoader(TensorDataset(x, x.sum(dim=1, keepdim=True)), batch_size=8)
+    trainer = L.Trainer(max_epochs=10, callbacks=[progress], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(_Regression(), data)
+    return trainer
+
+
 def test_swarm_progress_stops_at_the_global_step_and_writes_one_record_per_step(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Without a swarm the local step stands in for the global one; ``{peer}`` takes $MOSHPIT_PEER_INDEX."""
     monkeypatch.setenv("MOSHPIT_PEER_INDEX", "3")
-    x = torch.randn(64, 4)
-    data = DataLoader(TensorDataset(x, x.sum(dim=1, keepdim=True)), batch_size=8)
     progress = SwarmProgress(max_global_steps=5, history_path=str(tmp_path / "h{peer}.jsonl"))
-    trainer = L.Trainer(max_epochs=10, callbacks=[progress], logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
-    trainer.fit(_Regression(), data)
+    trainer = _fit_without_swarm(progress)
     assert trainer.global_step == 5
     rows = [json.loads(line) for line in (tmp_path / "h3.jsonl").read_text().splitlines()]
     assert [row["global_step"] for row in rows] == [0, 1, 2, 3, 4]
@@ -81,12 +87,8 @@ class _JumpingProgress(SwarmProgress):
 
 def test_swarm_progress_writes_a_caught_up_record_for_every_step_a_peer_skipped(tmp_path: Path) -> None:
     """Issue 16: a peer that jumped from step 8 onto max_global_steps=10 ended its history at 8, with no record of 9."""
-    x = torch.randn(64, 4)
-    data = DataLoader(TensorDataset(x, x.sum(dim=1, keepdim=True)), batch_size=8)
     progress = _JumpingProgress(max_global_steps=6, history_path=str(tmp_path / "h.jsonl"))
-    trainer = L.Trainer(max_epochs=10, callbacks=[progress], logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
-    trainer.fit(_Regression(), data)
+    _fit_without_swarm(progress)
     rows = [json.loads(line) for line in (tmp_path / "h.jsonl").read_text().splitlines()]
     assert [row["global_step"] for row in rows] == [0, 1, 2, 3, 4, 5]
     assert [row["caught_up"] for row in rows] == [False, False, True, True, False, False]

@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional
 
 import hivemind
 import torch
-from hivemind.averaging.control import StepControl
+from hivemind.averaging.control import AveragingStage, StepControl
 from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
 from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.p2p import PeerID
@@ -40,6 +40,7 @@ from hivemind.utils import ValueWithExpiration, get_dht_time
 
 from lightning_moshpit.averaging import grid_group_bits, key_length, random_group_bits
 from lightning_moshpit.guards import ModelSignature, nonfinite_gradients
+from lightning_moshpit.hivemind_logs import quiet_expected_round_failures
 from lightning_moshpit.reducers import ClipConfig, state_averager_class
 from lightning_moshpit.security import SwarmSecret, implausible_progress
 
@@ -196,6 +197,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         self._fruitless_downloads = 0  # state downloads in a row that served nothing (see _count_fruitless_download)
         self._fruitless_since: Optional[float] = None
         self._key_length = 0  # bits in this peer's current grid key (0: the whole swarm is one group)
+        quiet_expected_round_failures()  # before super().__init__ forks the averager processes
         super().__init__(**kwargs)
 
     def _make_progress_tracker(self, target_batch_size: int, **kwargs: Any) -> ProgressTracker:
@@ -457,6 +459,32 @@ class SwarmOptimizer(hivemind.Optimizer):
         if self.local_epoch != epoch_before and time.monotonic() - self._signature_published_at > 30.0:
             self.publish_model_signature()  # keep the record alive while this peer trains
         return loss if return_value is None else return_value
+
+    def average_final_state(self, timeout: float) -> int:
+        """One last synchronous parameter round, so that peers stopping at the same global step hold one model.
+
+        Gradient averaging applies the same update to every member, so a peer that missed a round (or took part in a
+        partial one) keeps its offset from the others until a parameter round includes it. hivemind's parameter
+        rounds run in the background and are applied at the *next* step, which a stopping peer never takes. So at
+        ``max_global_steps`` every peer applies what is pending, then averages parameters, optimizer statistics and
+        buffers once more, synchronously, with whoever stops with it. Returns the size of that group (0: the round
+        failed, 1: this peer was alone).
+        """
+        self.state_averager.step(wait_for_delayed_updates=True, apply_delayed_updates=True)
+        pending = self.scheduled_state  # a round booked for the step after this one: nobody will take that step
+        if pending is not None and not pending.done():
+            if pending.stage == AveragingStage.LOOKING_FOR_GROUP:
+                pending.cancel()
+            else:
+                self._tag_along_with_zero_weight(pending)
+        self.scheduled_state = None
+        if self.num_peers <= 1:
+            return 1
+        control = self.state_averager.schedule_step(gather=self.local_epoch, timeout=timeout)
+        self.state_averager.step(averaging_round=True, averaging_control=control, averaging_opts=dict(timeout=timeout))
+        if control.done() and not control.cancelled() and control.exception() is None:
+            return len(control.result())
+        return 0
 
     def check_children_alive(self) -> None:
         """Raise ``RuntimeError`` if the DHT or an averager process of this peer died: waiting on it would hang."""

@@ -190,6 +190,8 @@ class MoshpitStrategy(SingleDeviceStrategy):
         self.matchmaking_time = _positive_float(matchmaking_time, "matchmaking_time")
         self.averaging_timeout = _positive_float(averaging_timeout, "averaging_timeout")
         self.max_global_steps = swarm.resolve_max_global_steps(max_global_steps)
+        #: peers in the parameter round at max_global_steps (0: it failed; None: not reached yet)
+        self.final_round_group_size: Optional[int] = None
         if self.averaging_timeout <= self.matchmaking_time:
             raise ValueError(
                 f"`averaging_timeout` ({averaging_timeout}) must be greater than `matchmaking_time` "
@@ -407,9 +409,20 @@ class MoshpitStrategy(SingleDeviceStrategy):
         swarm_optimizer = self._swarm_optimizer
         if self.max_global_steps is None or swarm_optimizer is None or self.global_step < self.max_global_steps:
             return
-        if self.delay_parameter_updates:
-            # the last global step's update may still run in the background: apply it, or this peer stops one behind
-            swarm_optimizer.state_averager.step(wait_for_delayed_updates=True, apply_delayed_updates=True)
+        if self.final_round_group_size is not None:  # averaged already; Lightning stops after this batch
+            self.lightning_module.trainer.should_stop = True
+            return
+        # the last update and parameter round may still run in the background (delayed updates, hivemind's delayed
+        # state averaging): apply them, then average parameters once more with the peers that stop here too
+        group = swarm_optimizer.average_final_state(timeout=self.averaging_timeout)
+        peers = swarm_optimizer.num_peers
+        message = (f"[moshpit] reached max_global_steps={self.max_global_steps}; final parameter round with {group} "
+                   f"of {peers} peer(s)")  # fmt: skip
+        if group < peers:
+            log.warning(f"{message}: this peer's final parameters may differ from the others'")
+        else:
+            rank_zero_info(message)
+        self.final_round_group_size = group
         self.lightning_module.trainer.should_stop = True
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:

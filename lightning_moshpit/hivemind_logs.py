@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 
 from hivemind.averaging.matchmaking import MatchmakingException
 from hivemind.averaging.partition import AllreduceException
@@ -43,3 +44,43 @@ def quiet_expected_round_failures() -> None:
     logger = logging.getLogger(AVERAGER_LOGGER)
     if not any(isinstance(existing, ExpectedRoundFailureFilter) for existing in logger.filters):
         logger.addFilter(ExpectedRoundFailureFilter())
+
+
+#: The logger of ``hivemind/averaging/partition.py``, which reports a partial all-reduce (and nothing else does).
+PARTITION_LOGGER = "hivemind.averaging.partition"
+#: Its two warnings: as a sender (some reducers sent nothing back) and as a reducer (some senders sent nothing).
+PARTIAL_ROUND_WARNINGS = ("Averaging: received", "Reducer: received")
+
+
+class PartialRoundCounter(logging.Filter):
+    """Counts the partial all-reduces of one peer's averager processes, for its main process to read.
+
+    hivemind 1.1.12 ends an all-reduce in which some members sent nothing with one of
+    :data:`PARTIAL_ROUND_WARNINGS` and reports the round as a success (``StepControl.result()`` lists the full group).
+    Its members then hold different averages. The warning is logged in the averager *process*, so the count lives
+    in shared memory (a ``multiprocessing.Value``): :meth:`attach` before the averagers fork (they inherit the
+    filter), :meth:`detach` after (so that averagers forked later, for another optimizer, do not count here), and
+    :meth:`take` from the main process after each round.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._count = multiprocessing.Value("i", 0)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith(PARTIAL_ROUND_WARNINGS):
+            with self._count.get_lock():
+                self._count.value += 1
+        return True
+
+    def attach(self) -> None:
+        logging.getLogger(PARTITION_LOGGER).addFilter(self)
+
+    def detach(self) -> None:
+        logging.getLogger(PARTITION_LOGGER).removeFilter(self)
+
+    def take(self) -> int:
+        """Partial all-reduces counted since the last call."""
+        with self._count.get_lock():
+            count, self._count.value = self._count.value, 0
+        return count

@@ -41,7 +41,7 @@ from hivemind.utils import ValueWithExpiration, get_dht_time
 
 from lightning_moshpit.averaging import grid_group_bits, key_length, random_group_bits
 from lightning_moshpit.guards import ModelSignature, nonfinite_gradients
-from lightning_moshpit.hivemind_logs import quiet_expected_round_failures
+from lightning_moshpit.hivemind_logs import PartialRoundCounter, quiet_expected_round_failures
 from lightning_moshpit.reducers import ClipConfig, state_averager_class
 from lightning_moshpit.security import SwarmSecret, implausible_progress
 
@@ -65,6 +65,13 @@ class AveragingRound:
     #: seconds from this peer's trigger (its samples reached the target) until the averaged gradients were loaded:
     #: what is left of matchmaking, the all-reduce, and loading. Blocks training unless delay_parameter_updates is on.
     seconds: float = 0.0
+    #: this peer's averagers logged a partial all-reduce (a member sent nothing) since the previous record: in this
+    #: round, or in a background parameter round since. hivemind reports such a round as a success; it is a failure.
+    partial: bool = False
+
+
+#: Key of the ``gather`` payload that marks a final parameter round (see SwarmOptimizer.average_final_state).
+FINAL_ROUND = "moshpit_final_round"
 
 
 class SwarmProgressTracker(ProgressTracker):
@@ -218,7 +225,12 @@ class SwarmOptimizer(hivemind.Optimizer):
         self._fruitless_since: Optional[float] = None
         self._key_length = 0  # bits in this peer's current grid key (0: the whole swarm is one group)
         quiet_expected_round_failures()  # before super().__init__ forks the averager processes
-        super().__init__(**kwargs)
+        self._partial_rounds = PartialRoundCounter()
+        self._partial_rounds.attach()  # inherited by the averager processes forked in super().__init__
+        try:
+            super().__init__(**kwargs)
+        finally:
+            self._partial_rounds.detach()
 
     def _make_progress_tracker(self, target_batch_size: int, **kwargs: Any) -> ProgressTracker:
         return SwarmProgressTracker(
@@ -408,11 +420,13 @@ class SwarmOptimizer(hivemind.Optimizer):
         self._record_round(group_size, seconds=time.perf_counter() - began)
 
     def _record_round(self, group_size: int, seconds: float = 0.0) -> None:
+        partial = self._partial_rounds.take() > 0
         record = AveragingRound(
             epoch=self.local_epoch,
             group_size=group_size,
             swarm_size=self.num_peers,
-            succeeded=group_size > 0,
+            succeeded=group_size > 0 and not partial,
+            partial=partial,
             time=time.time(),
             seconds=seconds,
         )
@@ -487,40 +501,39 @@ class SwarmOptimizer(hivemind.Optimizer):
         partial one) keeps its offset from the others until a parameter round includes it. hivemind's parameter
         rounds run in the background and are applied at the *next* step, which a stopping peer never takes. So at
         ``max_global_steps`` every peer applies what is pending, then averages parameters, optimizer statistics and
-        buffers synchronously with whoever stops with it.
+        buffers synchronously with the peers that stop with it.
 
-        Peers reach the last step up to a few seconds apart (a slow process applies its last update later). While
-        the group was smaller than the swarm (``num_peers``, or the grid's group size), another round follows, for
-        up to ``patience`` seconds: a late peer joins the early ones' next round, and the group ends with one model
-        (the early peers agree already, so the repeated rounds change nothing else). Returns the size of the last
-        group (0: the round failed, 1: this peer was alone).
+        Peers reach the last step up to a few seconds apart (a slow process applies its last update later), and a
+        final round can match a late peer's ordinary background round. So each final round gathers a
+        :data:`FINAL_ROUND` tag, and rounds repeat (for up to ``patience`` seconds) until one holds every live peer
+        (``num_peers``, at most the grid's group size), all tagged: then every member knows that the others stop
+        with the same parameters. Repeating changes nothing else, since the members agree already. Returns the number
+        of tagged members of the last round (0: it failed, 1: this peer was alone).
         """
         self.state_averager.step(wait_for_delayed_updates=True, apply_delayed_updates=True)
-        # A round already booked (for the step after this one) becomes the first final round rather than being
-        # cancelled: the other peers booked theirs at about the same time.
-        control = self.scheduled_state
-        self.scheduled_state = None
+        booked, self.scheduled_state = self.scheduled_state, None
+        if booked is not None and not booked.done():
+            # the round booked for the next step runs as booked (the others may be matched with it already); it is
+            # not a final round, as its gather could not be tagged
+            self._final_round(booked, timeout)
         if self.num_peers <= 1:
-            if control is not None and not control.done():
-                control.cancel()
             return 1
-        if control is not None and (control.triggered or control.done()):
-            control = None
         give_up_at = time.monotonic() + patience
         while True:
-            group = self._final_round(control, timeout)
-            if group >= min(self.num_peers, self.group_size) or time.monotonic() >= give_up_at:
-                return group
-            log.info(f"Final parameter round had {group} of {self.num_peers} peer(s); averaging again for late peers")
-            control = None
+            control = self.state_averager.schedule_step(gather={FINAL_ROUND: self.local_epoch}, timeout=timeout)
+            gathered = self._final_round(control, timeout)
+            finished = sum(isinstance(v, dict) and v.get(FINAL_ROUND) == self.local_epoch for v in gathered.values())
+            if finished >= min(self.num_peers, self.group_size) or time.monotonic() >= give_up_at:
+                return finished
+            log.info(f"Final parameter round: {finished} of {self.num_peers} peer(s) stopping together; averaging "
+                     f"again for the others")  # fmt: skip
 
-    def _final_round(self, control: Optional[StepControl], timeout: float) -> int:
-        if control is None:
-            control = self.state_averager.schedule_step(gather=self.local_epoch, timeout=timeout)
+    def _final_round(self, control: StepControl, timeout: float) -> dict:
+        """Run a scheduled parameter round now and apply it; the members' gathered data (empty if it failed)."""
         self.state_averager.step(averaging_round=True, averaging_control=control, averaging_opts=dict(timeout=timeout))
         if control.done() and not control.cancelled() and control.exception() is None:
-            return len(control.result())
-        return 0
+            return dict(control.result())
+        return {}
 
     def check_children_alive(self) -> None:
         """Raise ``RuntimeError`` if the DHT or an averager process of this peer died: waiting on it would hang."""

@@ -23,7 +23,7 @@ from lightning_moshpit.callbacks import (
 )
 from lightning_moshpit.callbacks.editing import FunctionalModel, run_editor
 from lightning_moshpit.testing import launch
-from lightning_moshpit.testing.launch import PARTIAL_ALLREDUCE_WARNING, LocalSwarm
+from lightning_moshpit.testing.launch import LocalSwarm, partial_allreduce_lines
 from lightning_moshpit.testing.peer import make_task
 
 torch.set_num_threads(1)
@@ -394,22 +394,14 @@ def test_two_moshpit_peers_train_with_editable_training_and_reach_the_same_param
     monkeypatch.setattr(launch, "PEER_MODULE", "lightning_moshpit.testing.editable_peer")
     args = ["--min-peers", "2", "--max-steps", "60", "--compute-seconds", "0.05", "--matchmaking-time", "1.5",
             "--averaging-timeout", "10"]  # fmt: skip
-    for attempt in range(2):  # repeat once only on hivemind's partial all-reduce (see tests/test_swarm.py)
-        env = {"MOSHPIT_TARGET_BATCH_SIZE": "256"}
-        with LocalSwarm(tmp_path / f"attempt{attempt}", f"{run_id}_{attempt}", env=env) as swarm:
-            for index in range(2):
-                swarm.start_peer([*args, "--seed", str(index)])
-            codes = swarm.wait(200)
-            logs = "\n".join(swarm.log(i) for i in range(2))
-            assert codes == [0, 0], [swarm.log(i)[-3000:] for i in range(2)]
-        reports = [json.loads(swarm.report_path(i).read_text()) for i in range(2)]
-        try:
-            check_editable_swarm_run(reports)
-            return
-        except AssertionError:
-            if attempt == 1 or PARTIAL_ALLREDUCE_WARNING not in logs:
-                raise
-            print(f"attempt {attempt}: hivemind reported a partial all-reduce; repeating the run")
+    with LocalSwarm(tmp_path, run_id, env={"MOSHPIT_TARGET_BATCH_SIZE": "256"}) as swarm:
+        for index in range(2):
+            swarm.start_peer([*args, "--seed", str(index)])
+        codes = swarm.wait(200)
+        logs = "\n".join(swarm.log(i) for i in range(2))
+        assert codes == [0, 0], [swarm.log(i)[-3000:] for i in range(2)]
+    assert not partial_allreduce_lines(logs), partial_allreduce_lines(logs)[:5]
+    check_editable_swarm_run([json.loads(swarm.report_path(i).read_text()) for i in range(2)])
 
 
 def check_editable_swarm_run(reports: list[dict]) -> None:

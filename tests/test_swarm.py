@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_moshpit.testing.launch import PARTIAL_ALLREDUCE_WARNING, LocalSwarm
+from lightning_moshpit.testing.launch import LocalSwarm, partial_allreduce_lines
 
 pytestmark = pytest.mark.slow
 
@@ -36,23 +36,11 @@ def run_swarm(workdir: Path, run_id: str, num_peers: int, extra: list[str], time
 
 def run_and_check(workdir: Path, run_id: str, num_peers: int, extra: list[str], timeout: float,
                   target_batch_size: int) -> list[dict]:  # fmt: skip
-    """Run a swarm and check it; repeat once only if hivemind reported a partial all-reduce in the failed run.
-
-    hivemind 1.1.12 sometimes ends an all-reduce with parts missing, logs "Averaging: received X% results" and
-    reports success anyway, which leaves peers' parameters apart (seen in about one run in five here). That is
-    hivemind's failure and is documented in docs/benchmarks.md; any other failure fails the test at once.
-    """
-    for attempt in range(2):
-        reports, logs = run_swarm(workdir / f"attempt{attempt}", f"{run_id}_{attempt}", num_peers, extra, timeout,
-                                  target_batch_size)  # fmt: skip
-        try:
-            check_swarm_run(reports, num_peers, target_batch_size)
-            return reports
-        except AssertionError:
-            if attempt == 1 or PARTIAL_ALLREDUCE_WARNING not in logs:
-                raise
-            print(f"attempt {attempt}: hivemind reported a partial all-reduce; repeating the run")
-    raise AssertionError("unreachable")
+    """Run a swarm once and check it, including that hivemind reported no partial all-reduce."""
+    reports, logs = run_swarm(workdir, run_id, num_peers, extra, timeout, target_batch_size)
+    assert not partial_allreduce_lines(logs), partial_allreduce_lines(logs)[:5]
+    check_swarm_run(reports, num_peers, target_batch_size)
+    return reports
 
 
 def full_round_share(reports: list[dict], num_peers: int) -> tuple[int, int]:

@@ -106,8 +106,3 @@ def figures(name: str, reports: Sequence[dict], fault_free: Optional[Sequence[di
     )
     print(result)
     return result
-
-
-class DriftAfterStateLoad(AssertionError):
-    """A peer had the swarm's exact state after a download, then drifted apart (docs/fault_tolerance.md, "Known
-    limitations"). The join and pause scenarios repeat their run once, saying so, only on this failure."""

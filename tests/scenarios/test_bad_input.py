@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from lightning_moshpit import MoshpitStrategy
 from lightning_moshpit.averaging import COMPRESSION_NAMES
 from lightning_moshpit.testing import scenarios
-from lightning_moshpit.testing.launch import PARTIAL_ALLREDUCE_WARNING, LocalSwarm
+from lightning_moshpit.testing.launch import LocalSwarm, partial_allreduce_lines
 
 MADDR = "/ip4/127.0.0.1/tcp/31337/p2p/12D3KooWNXqjycccN7Rn7pPefAuo5SViR6ihzVDmyAQjDoQkyukx"
 RUN_ID = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -136,21 +136,7 @@ def test_garbage_initial_peers_environment_is_refused_with_the_variable_name() -
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_run_with_another_run_id_on_the_same_dht_never_mixes_into_our_groups(make_swarm) -> None:
-    # Isolation is asserted on every attempt. Only the agreement of a run's own two peers may fail on hivemind's
-    # partial all-reduce (docs/benchmarks.md, "Known limits"); that earns one repeat, printed.
-    for attempt in range(2):
-        try:
-            ours, theirs = make_swarm(f"ours{attempt}"), make_swarm(f"theirs{attempt}", run=f"another_{attempt}")
-            run_two_runs_on_one_dht(ours, theirs)
-            return
-        except PartialAllReduce as partial:
-            if attempt == 1:
-                raise
-            print(f"attempt 0: {partial}; repeating the run once")
-
-
-class PartialAllReduce(AssertionError):
-    """A run's peers disagree and hivemind logged a partial all-reduce in that run."""
+    run_two_runs_on_one_dht(make_swarm("ours"), make_swarm("theirs", run="another"))
 
 
 def run_two_runs_on_one_dht(ours: LocalSwarm, theirs: LocalSwarm) -> None:
@@ -172,12 +158,10 @@ def run_two_runs_on_one_dht(ours: LocalSwarm, theirs: LocalSwarm) -> None:
     print(f"parameter gap between the two runs at the end: {final_gap:.3f}")
     assert final_gap > 1e-2
     for (name, pair), swarm in zip(reports.items(), (ours, theirs)):
+        partial = partial_allreduce_lines(swarm.log(0) + swarm.log(1))
+        assert not partial, f"{name}: {partial[:3]}"
         step, difference = scenarios.max_param_difference(pair)
-        if difference >= 1e-4:
-            message = f"{name} peers disagree at global step {step}: max |difference| {difference:.2e}"
-            if PARTIAL_ALLREDUCE_WARNING in swarm.log(0) + swarm.log(1):
-                raise PartialAllReduce(message + " after a partial all-reduce")
-            raise AssertionError(message)
+        assert difference < 1e-4, f"{name} peers disagree at global step {step}: max |difference| {difference:.2e}"
 
 
 @pytest.mark.slow

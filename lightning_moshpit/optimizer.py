@@ -40,6 +40,7 @@ from hivemind.p2p import PeerID
 from hivemind.utils import ValueWithExpiration, get_dht_time
 
 from lightning_moshpit.averaging import grid_group_bits, key_length, random_group_bits
+from lightning_moshpit.consistent_state import consistent
 from lightning_moshpit.guards import ModelSignature, nonfinite_gradients
 from lightning_moshpit.hivemind_logs import PartialRoundCounter, quiet_expected_round_failures
 from lightning_moshpit.reducers import ClipConfig, state_averager_class
@@ -72,6 +73,8 @@ class AveragingRound:
 
 #: Key of the ``gather`` payload that marks a final parameter round (see SwarmOptimizer.average_final_state).
 FINAL_ROUND = "moshpit_final_round"
+#: Key of the ``gather`` payload of a gradient round: the global step whose gradients the member sends.
+STEP_OF_ROUND = "moshpit_step"
 
 
 class SwarmProgressTracker(ProgressTracker):
@@ -224,6 +227,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         self._fruitless_downloads = 0  # state downloads in a row that served nothing (see _count_fruitless_download)
         self._fruitless_since: Optional[float] = None
         self._key_length = 0  # bits in this peer's current grid key (0: the whole swarm is one group)
+        self._resync_requested = False  # a gradient round showed this peer behind: load the state before the next batch
         quiet_expected_round_failures()  # before super().__init__ forks the averager processes
         self._partial_rounds = PartialRoundCounter()
         self._partial_rounds.attach()  # inherited by the averager processes forked in super().__init__
@@ -244,16 +248,14 @@ class SwarmOptimizer(hivemind.Optimizer):
         )
 
     def _make_state_averager(self, **kwargs: Any) -> TrainingStateAverager:
-        if self.swarm_secret is None and self.clip is None:
-            return super()._make_state_averager(**kwargs)
-        # hivemind.Optimizer._make_state_averager (1.1.12) with our class (private and/or CenteredClip): it has no
-        # class argument
+        # hivemind.Optimizer._make_state_averager (1.1.12) with our class (one that serves consistent states, private
+        # and/or CenteredClip as configured): it has no class argument
         extra: dict[str, Any] = {}
         if self.swarm_secret is not None:
             extra["swarm_secret"] = self.swarm_secret
         if self.clip is not None:
             extra["clip"] = self.clip
-        return state_averager_class(self.clip, self.swarm_secret)(
+        return consistent(state_averager_class(self.clip, self.swarm_secret))(
             dht=self.dht,
             prefix=f"{self.run_id}_state_averager",
             min_matchmaking_time=self.matchmaking_time,
@@ -402,8 +404,21 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     # ------------------------------------------------------------------------------------- hivemind hooks (private)
     def _maybe_schedule_gradient_averaging(self) -> None:
-        if self.tracker.global_progress.num_peers > 1:  # no solo scheduling: see the module docstring
-            super()._maybe_schedule_gradient_averaging()
+        # hivemind 1.1.12's, but no solo scheduling (see the module docstring) and with this peer's global step in the
+        # round's gather, so that a member can tell a round of another step (see _average_gradients_and_load...)
+        if self.tracker.global_progress.num_peers <= 1:
+            return
+        if self.tracker.estimated_next_update_time - get_dht_time() <= self.matchmaking_time:
+            if self.scheduled_grads is None or self.scheduled_grads.triggered or self.scheduled_grads.done():
+                self.scheduled_grads = self._book_gradient_round()
+
+    def _begin_averaging_gradients(self, grad_scaler: Any) -> bool:
+        if self.scheduled_grads is None and self.tracker.global_progress.num_peers > 1:
+            self.scheduled_grads = self._book_gradient_round()  # what hivemind books here, with the gather
+        return super()._begin_averaging_gradients(grad_scaler)
+
+    def _book_gradient_round(self) -> StepControl:
+        return self.grad_averager.schedule_step(gather={STEP_OF_ROUND: self.local_epoch}, timeout=self.averaging_timeout)
 
     def _maybe_schedule_state_averaging(self) -> None:
         if self.tracker.global_progress.num_peers > 1:
@@ -411,6 +426,19 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     def _average_gradients_and_load_into_optimizer(self, maybe_step_control: Optional[StepControl]) -> None:
         began = time.perf_counter()
+        ahead = self._members_ahead(maybe_step_control)
+        if ahead:
+            # hivemind's group keys carry no step, so a peer one step behind (it had just loaded the swarm's state, or
+            # its view lagged) can join the round of the *next* step. Applying that average to this peer's older
+            # parameters leaves it apart from the swarm for good (measured: 3e-3 one step later, 2.6e-2 after a
+            # second such round). The others are fine: they all apply the same average. So this peer uses its own
+            # gradients for this step, records a failed round, and loads the swarm's state before its next batch.
+            log.warning(f"The gradient round of this peer's global step {self.local_epoch} included peers already at "
+                        f"step {max(ahead)}; not applying it here, loading the swarm's state instead")  # fmt: skip
+            self._resync_requested = True
+            super()._average_gradients_and_load_into_optimizer(None)  # local gradients
+            self._record_round(0, seconds=time.perf_counter() - began)
+            return
         super()._average_gradients_and_load_into_optimizer(maybe_step_control)
         if maybe_step_control is None:
             return  # no round was attempted: this peer was alone
@@ -418,6 +446,17 @@ class SwarmOptimizer(hivemind.Optimizer):
         if maybe_step_control.done() and maybe_step_control.exception() is None:
             group_size = len(maybe_step_control.result())
         self._record_round(group_size, seconds=time.perf_counter() - began)
+
+    def _members_ahead(self, control: Optional[StepControl]) -> list[int]:
+        """Global steps of the members of a finished gradient round that were ahead of this peer's."""
+        if control is None:
+            return []
+        try:
+            gathered = control.result(self.averaging_timeout)
+        except BaseException:  # a failed round; hivemind's handler reports it
+            return []
+        steps = [value.get(STEP_OF_ROUND) for value in gathered.values() if isinstance(value, dict)]
+        return [step for step in steps if isinstance(step, int) and step > self.local_epoch]
 
     def _record_round(self, group_size: int, seconds: float = 0.0) -> None:
         partial = self._partial_rounds.take() > 0
@@ -470,6 +509,9 @@ class SwarmOptimizer(hivemind.Optimizer):
           its now-stale gradients and loads the swarm's state instead of averaging them into the current step.
         """
         self.check_children_alive()
+        if self._resync_requested and not self.auxiliary:
+            self._resync_requested = False
+            self.load_state_from_peers()
         loss = None
         if closure is not None:
             # hivemind applies finished background (DPU) updates before running the closure; keep that order
@@ -652,8 +694,12 @@ class SwarmOptimizer(hivemind.Optimizer):
                 # step counter here, leaving this peer one update behind; its newer state is usually a moment away.
                 time.sleep(0.5)
                 self.state_averager.load_state_from_peers(timeout=self.load_state_timeout, **kwargs)
+            self._download_the_swarms_step(**kwargs)
             if self.tracker.global_epoch - 1 <= self.local_epoch < self.tracker.global_epoch:
-                self.state_averager.local_epoch = self.tracker.global_epoch  # still one step behind: catch up as hivemind
+                log.warning(f"The newest state served was of global step {self.local_epoch}, the swarm is at "
+                            f"{self.tracker.global_epoch}; catching up as hivemind does (the next parameter round "
+                            f"brings this peer to the swarm's parameters)")  # fmt: skip
+                self.state_averager.local_epoch = self.tracker.global_epoch
             self.tracker.report_local_progress(local_epoch=self.local_epoch, samples_accumulated=0)
             if not self.client_mode:
                 self.state_averager.state_sharing_priority = self.local_epoch
@@ -661,6 +707,23 @@ class SwarmOptimizer(hivemind.Optimizer):
                 self.grad_averager.reset_accumulated_grads_()
                 if not self.client_mode:
                     self.grad_averager.state_sharing_priority = self.local_epoch
+
+    def _download_the_swarms_step(self, **kwargs: Any) -> None:
+        """Download again, for a few seconds, while the state served is one global step behind the swarm's.
+
+        hivemind relabels such a state as the swarm's step ("catching up") although its parameters lack that step's
+        update: the peer then trains one update apart from the others (measured: 2.6e-2 after a pause). The holders
+        that are one step behind are in the middle of that update; a holder that finished it serves the right state
+        within about one averaging round, so this retries for ``matchmaking_time + averaging_timeout`` at most.
+        """
+        deadline = time.monotonic() + self.matchmaking_time + self.averaging_timeout
+        while self.local_epoch == self.tracker.global_epoch - 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            try:
+                self.state_averager.load_state_from_peers(timeout=self.load_state_timeout, **kwargs)
+            except Exception as error:  # noqa: BLE001 - the download above succeeded; keep what it gave
+                log.warning(f"Downloading the swarm's newer state failed ({type(error).__name__}: {error})")
+                return
 
     def _count_fruitless_download(self, epoch_before: int) -> None:
         """Raise ``RuntimeError`` once downloads that served nothing have gone on too long; otherwise just count.

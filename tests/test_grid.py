@@ -54,7 +54,7 @@ def run_grid(workdir, run_id: str, num_peers: int) -> tuple[list[dict], str]:
 @pytest.mark.timeout(480)
 def test_eight_peers_with_group_size_two_reach_exact_mean_in_three_rounds(tmp_path, run_id) -> None:
     num_peers, expected_mean = 8, sum(range(8)) / 8
-    reports, logs = run_grid(tmp_path, run_id, num_peers)
+    reports, logs = run_grid(tmp_path / "grid", run_id, num_peers)
     assert not partial_allreduce_lines(logs), partial_allreduce_lines(logs)[:5]
     for report in reports:
         assert [r["group_size"] for r in report["rounds"]] == [2, 2, 2], report

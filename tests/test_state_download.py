@@ -53,7 +53,8 @@ def make_optimizer(served: list[Optional[int]], global_epoch: int, local_epoch: 
     optimizer.__dict__.update(
         state_averager=StandInStateAverager(served, local_epoch), grad_averager=None,
         tracker=StandInTracker(global_epoch), scheduled_grads=None, _joined=True, resyncs=0, run_id="unit",
-        load_state_timeout=1.0, matchmaking_time=0.0, client_mode=True, _fruitless_downloads=0, _fruitless_since=None,
+        load_state_timeout=1.0, matchmaking_time=0.0, averaging_timeout=1.0, client_mode=True,
+        _fruitless_downloads=0, _fruitless_since=None,
     )  # fmt: skip
     return optimizer
 
@@ -119,3 +120,10 @@ def test_a_state_one_step_short_of_the_swarm_is_accepted_and_caught_up() -> None
     optimizer = make_optimizer(served=[4, None, None, None], global_epoch=5)
     optimizer.load_state_from_peers()
     assert optimizer.local_epoch == 5 and optimizer._fruitless_downloads == 0
+
+
+def test_a_state_one_step_short_is_downloaded_again_until_a_holder_serves_the_swarms_step() -> None:
+    """The first holder was still applying its update (step 4); a moment later one serves step 5: no relabelling."""
+    optimizer = make_optimizer(served=[4, 4, 5], global_epoch=5)
+    optimizer.load_state_from_peers()
+    assert optimizer.local_epoch == 5 and optimizer.state_averager.downloads == 3

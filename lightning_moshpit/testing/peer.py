@@ -265,6 +265,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--attack", choices=ATTACKS, default="none", help="make this peer Byzantine")
     parser.add_argument("--attack-scale", type=float, default=1000.0, help="sign flip factor / attack norm ratio")
     parser.add_argument("--max-global-steps", type=int, default=None, help="also stop at this swarm global step")
+    parser.add_argument("--end-at-global-step", type=int, default=None,
+                        help="MoshpitStrategy(max_global_steps=...): stop there with the final parameter round")
+    parser.add_argument("--local-updates", action="store_true", help="MoshpitStrategy(local_updates=True)")
     parser.add_argument("--stop-file", type=Path, default=None, help="also stop (cleanly) once this file exists")
     args = parser.parse_args(argv)
 
@@ -303,6 +306,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             averaging_timeout=args.averaging_timeout,
             group_size=args.group_size,
             delay_parameter_updates=args.dpu,
+            local_updates=args.local_updates,
+            max_global_steps=args.end_at_global_step,
             verbose=args.verbose,
             aggregation=args.aggregation,
             clip_tau=args.clip_tau,
@@ -337,6 +342,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         "first_step_params": recorder.first_step_params,
         "first_step_buffers": recorder.first_step_buffers,
         "final_params": _flat(model),
+        "final_buffers": _flat_buffers(model),
+        "final_round_group_size": getattr(trainer.strategy, "final_round_group_size", None),
         "samples": trainer.strategy.samples_contributed if not args.solo else None,
         "losses": recorder.losses,
         "global_steps": recorder.global_steps,

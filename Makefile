@@ -17,7 +17,7 @@ RECIPE_TESTS := tests/recipes tests/test_resist_timm.py
 # extra pytest options, e.g. `make test PYTEST_ARGS=-s` to see the figures the multi-peer tests print
 PYTEST_ARGS ?=
 
-.PHONY: venv install install-dev install-recipes browser test test-core test-recipes test-quick demo lint clean bench
+.PHONY: venv install install-dev install-recipes browser test test-core test-recipes test-quick demo lint clean bench soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -84,6 +84,12 @@ test-quick: install-dev
 ## make demo: a local swarm of 3 peers on 127.0.0.1 training on scikit-learn's digits; exits by itself
 demo: install
 	$(BIN)/python examples/local_swarm.py --peers 3
+
+## make soak: every swarm setting SOAK_RUNS times (default 10; about 25 s to 2 min a run on 2 cores), pass rate and
+## share of rounds with every live peer to docs/benchmarks/soak.json (benchmarks/soak.py prints the Markdown table)
+SOAK_RUNS ?= 10
+soak: install-dev
+	$(BIN)/python benchmarks/soak.py --runs $(SOAK_RUNS)
 
 ## make bench: the benchmark scripts (simulator ~30 s; averaging ~10 min, throughput ~15 min, time to accuracy
 ## ~12 min on 2 cores), then the profiled throughput and time-to-accuracy runs (~2 and ~8 min); results go to

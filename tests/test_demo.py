@@ -16,10 +16,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 #: Lines that must never appear in a normal run's output (each was printed by demos before the fixes): tracebacks,
-#: teardown noise, honest peers rejected as implausible, and a failed averaging round (hivemind_logs turns each into
-#: one "Averaging round failed" line; a follower that lost its leader's BEGIN_ALLREDUCE produced them).
+#: teardown noise, honest peers rejected as implausible, and a partial all-reduce (a follower that lost its leader's
+#: BEGIN_ALLREDUCE produced them, see lightning_moshpit.p2p_streams).
 FORBIDDEN = ("Traceback", "did not shut down", "Task was destroyed", "Ignored the progress record",
-             "Averaging round failed", "Reducer: received", "Averaging: received")  # fmt: skip
+             "Reducer: received", "Averaging: received")  # fmt: skip
+#: A demo runs about 150 averaging rounds (25 global steps, a gradient and a parameter round each, 3 peers). Issue 17
+#: asks for at least 99% of rounds with every peer, so one failed round ("Averaging round failed", e.g. a peer that
+#: lagged more than matchmaking_time on a loaded machine) is tolerated, and counted in the output; two fail the test.
+MAX_FAILED_ROUNDS = 1
 
 
 @pytest.mark.slow
@@ -34,6 +38,9 @@ def test_make_demo_trains_one_model_on_three_fast_peers_and_exits_cleanly() -> N
     for forbidden in FORBIDDEN:
         lines = [line for line in output.splitlines() if forbidden in line]
         assert not lines, f"{forbidden!r} in the demo's output: {lines[:3]}\n{output[-4000:]}"
+    failed_rounds = [line for line in output.splitlines() if "Averaging round failed" in line]
+    print(f"failed averaging rounds: {len(failed_rounds)}")
+    assert len(failed_rounds) <= MAX_FAILED_ROUNDS, failed_rounds
     progress = re.findall(r"\[peer (\d)\] step +\d+ \| loss [\d.]+ \| peers (\d+) \|", output)
     assert progress, output[-4000:]
     assert {peers for _, peers in progress} == {"3"}, f"a peer saw another swarm size: {progress}"

@@ -230,17 +230,21 @@ def main() -> None:
     rows = [row for row in ROWS if args.rows is None or row.name in args.rows]
     results: dict[str, list[RunResult]] = {}
     with tempfile.TemporaryDirectory(prefix="moshpit-soak-") as scratch:
-        for row in rows:
+        for index, row in enumerate(rows):
             for k in range(args.runs):
-                result = row.run(Path(scratch) / f"{len(results)}-{k}", k)
+                result = row.run(Path(scratch) / f"row{index}-run{k}", k)
                 results.setdefault(row.name, []).append(result)
                 status = "pass" if result.passed else f"FAIL: {result.why}"
                 print(f"[soak] {row.name} run {k + 1}/{args.runs}: {status}; {result.full_rounds}/{result.rounds} "
                       f"full rounds; {result.seconds:.0f} s", flush=True)  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"runs_per_row": args.runs, "rows": {
-        name: [dataclasses.asdict(r) for r in runs] for name, runs in results.items()}}, indent=1) + "\n")  # fmt: skip
+                write_results(args.out, args.runs, results)  # after every run: an interrupted soak keeps its figures
     print(table(results))
+
+
+def write_results(path: Path, runs_per_row: int, results: dict[str, list[RunResult]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = {name: [dataclasses.asdict(r) for r in runs] for name, runs in results.items()}
+    path.write_text(json.dumps({"runs_per_row": runs_per_row, "rows": rows, "table": table(results)}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

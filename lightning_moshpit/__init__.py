@@ -6,7 +6,7 @@ Importing this package registers the strategy names ``"moshpit"`` and ``"moshpit
 
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_moshpit import p2p_streams
+from lightning_moshpit import matchmaking, p2p_streams
 from lightning_moshpit.callbacks import EditableTraining, IndependentSubnet, ResIST
 from lightning_moshpit.optimizer import AveragingRound, SwarmOptimizer
 from lightning_moshpit.strategy import MoshpitStrategy
@@ -24,4 +24,5 @@ __all__ = [
 
 # before anything builds a P2P or forks an averager: streaming RPCs that keep their last message (see the module)
 p2p_streams.install()
+matchmaking.install()  # likewise: a control-pipe handler the averager processes inherit
 MoshpitStrategy.register_strategies(StrategyRegistry)

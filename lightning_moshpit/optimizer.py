@@ -39,10 +39,11 @@ from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.p2p import PeerID
 from hivemind.utils import ValueWithExpiration, get_dht_time
 
-from lightning_moshpit.averaging import grid_group_bits, key_length, random_group_bits
+from lightning_moshpit.averaging import grid_dimensions, grid_group_bits, key_length, random_group_bits
 from lightning_moshpit.consistent_state import consistent
 from lightning_moshpit.guards import ModelSignature, nonfinite_gradients
 from lightning_moshpit.hivemind_logs import PartialRoundCounter, quiet_expected_round_failures
+from lightning_moshpit.matchmaking import set_target_group_size
 from lightning_moshpit.reducers import ClipConfig, state_averager_class
 from lightning_moshpit.security import SwarmSecret, implausible_progress
 
@@ -228,6 +229,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         self._fruitless_since: Optional[float] = None
         self._key_length = 0  # bits in this peer's current grid key (0: the whole swarm is one group)
         self._resync_requested = False  # a gradient round showed this peer behind: load the state before the next batch
+        self._target_group_size: Optional[int] = None  # what the gradient averager assembles at (see matchmaking.py)
         quiet_expected_round_failures()  # before super().__init__ forks the averager processes
         self._partial_rounds = PartialRoundCounter()
         self._partial_rounds.attach()  # inherited by the averager processes forked in super().__init__
@@ -418,7 +420,17 @@ class SwarmOptimizer(hivemind.Optimizer):
         return super()._begin_averaging_gradients(grad_scaler)
 
     def _book_gradient_round(self) -> StepControl:
-        return self.grad_averager.schedule_step(gather={STEP_OF_ROUND: self.local_epoch}, timeout=self.averaging_timeout)
+        # the round starts as soon as every live peer joined (lightning_moshpit.matchmaking); the longer window only
+        # runs out when one is missing
+        wanted = max(2, min(self.num_peers, self.group_size))
+        if wanted != self._target_group_size:
+            set_target_group_size(self.grad_averager, wanted)
+            self._target_group_size = wanted
+        return self.grad_averager.schedule_step(
+            scheduled_time=get_dht_time() + 2 * self.matchmaking_time,
+            gather={STEP_OF_ROUND: self.local_epoch},
+            timeout=self.averaging_timeout,
+        )
 
     def _maybe_schedule_state_averaging(self) -> None:
         if self.tracker.global_progress.num_peers > 1:
@@ -561,14 +573,19 @@ class SwarmOptimizer(hivemind.Optimizer):
         if self.num_peers <= 1:
             return 1
         give_up_at = time.monotonic() + patience
+        # on a grid (group_size < peers), groups move along the next grid dimension after each round (hivemind's
+        # group-key rotation), so d complete rounds in a row reach the swarm's mean, as the Moshpit paper shows
+        complete_rounds_needed = grid_dimensions(self.num_peers, self.group_size)
+        complete_rounds = 0
         while True:
             control = self.state_averager.schedule_step(gather={FINAL_ROUND: self.local_epoch}, timeout=timeout)
             gathered = self._final_round(control, timeout)
             finished = sum(isinstance(v, dict) and v.get(FINAL_ROUND) == self.local_epoch for v in gathered.values())
-            if finished >= min(self.num_peers, self.group_size) or time.monotonic() >= give_up_at:
+            complete_rounds = complete_rounds + 1 if finished >= min(self.num_peers, self.group_size) else 0
+            if complete_rounds >= complete_rounds_needed or time.monotonic() >= give_up_at:
                 return finished
-            log.info(f"Final parameter round: {finished} of {self.num_peers} peer(s) stopping together; averaging "
-                     f"again for the others")  # fmt: skip
+            log.info(f"Final parameter round: {finished} of {self.num_peers} peer(s) stopping together "
+                     f"({complete_rounds}/{complete_rounds_needed} complete rounds); averaging again")  # fmt: skip
 
     def _final_round(self, control: StepControl, timeout: float) -> dict:
         """Run a scheduled parameter round now and apply it; the members' gathered data (empty if it failed)."""

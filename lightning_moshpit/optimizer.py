@@ -487,11 +487,14 @@ class SwarmOptimizer(hivemind.Optimizer):
         wanted_length = key_length(record.swarm_size, self.group_size)
         if record.succeeded and wanted_length == self._key_length:
             return
-        if not record.succeeded and wanted_length == 0 and self._failures_in_a_row >= WEDGED_AFTER_FAILURES:
+        if not record.succeeded and record.swarm_size > 1 and self._failures_in_a_row == WEDGED_AFTER_FAILURES:
+            # recovery: this peer has been stepping alone, so its parameters left the swarm's; take the swarm's
+            # state again (once per streak of failures) rather than train on apart
             log.warning(
-                f"{self._failures_in_a_row} gradient-averaging rounds in a row found no group although "
-                f"{record.swarm_size} peers are visible; the averager may be wedged (see docs/concepts.md)"
+                f"{self._failures_in_a_row} gradient-averaging rounds in a row failed although {record.swarm_size} "
+                f"peers are visible; loading the swarm's state before the next batch (see docs/concepts.md)"
             )
+            self._resync_requested = True
         if wanted_length or self._key_length:
             # the swarm outgrew (or shrank below) the grid, or this peer sat alone in a grid bucket: new bucket
             self._key_length = wanted_length

@@ -16,7 +16,8 @@ step are left out (peers that stop leave). Local-updates peers average parameter
 Usage::
 
     python benchmarks/soak.py                    # every row, 10 runs each (about 2 hours on 2 cores)
-    python benchmarks/soak.py --runs 3 --rows "2 peers, fast" "crash 1 of 4"
+    python benchmarks/soak.py --runs 3 --rows "2 peers, fast" "crash (1 of 4)"
+    python benchmarks/soak.py --runs 5 --append   # 5 more runs per row, added to docs/benchmarks/soak.json
 
 Writes ``docs/benchmarks/soak.json`` and prints the Markdown table that ``docs/fault_tolerance.md`` carries.
 """
@@ -220,6 +221,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10, help="runs per row (K)")
     parser.add_argument("--rows", nargs="*", default=None, help="only these rows (names as in the table)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs/benchmarks/soak.json")
+    parser.add_argument("--append", action="store_true", help="add these runs to those already in --out")
     args = parser.parse_args()
     if args.runs < 1:
         parser.error(f"--runs must be at least 1, got {args.runs}")
@@ -229,6 +231,9 @@ def main() -> None:
         parser.error(f"unknown --rows {unknown}; choose from {names}")
     rows = [row for row in ROWS if args.rows is None or row.name in args.rows]
     results: dict[str, list[RunResult]] = {}
+    if args.append and args.out.exists():
+        earlier = json.loads(args.out.read_text())["rows"]
+        results = {name: [RunResult(**run) for run in runs] for name, runs in earlier.items()}
     with tempfile.TemporaryDirectory(prefix="moshpit-soak-") as scratch:
         for index, row in enumerate(rows):
             for k in range(args.runs):
@@ -237,14 +242,14 @@ def main() -> None:
                 status = "pass" if result.passed else f"FAIL: {result.why}"
                 print(f"[soak] {row.name} run {k + 1}/{args.runs}: {status}; {result.full_rounds}/{result.rounds} "
                       f"full rounds; {result.seconds:.0f} s", flush=True)  # fmt: skip
-                write_results(args.out, args.runs, results)  # after every run: an interrupted soak keeps its figures
+                write_results(args.out, results)  # after every run: an interrupted soak keeps its figures
     print(table(results))
 
 
-def write_results(path: Path, runs_per_row: int, results: dict[str, list[RunResult]]) -> None:
+def write_results(path: Path, results: dict[str, list[RunResult]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = {name: [dataclasses.asdict(r) for r in runs] for name, runs in results.items()}
-    path.write_text(json.dumps({"runs_per_row": runs_per_row, "rows": rows, "table": table(results)}, indent=1) + "\n")
+    path.write_text(json.dumps({"rows": rows, "table": table(results)}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

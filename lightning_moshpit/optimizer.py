@@ -230,6 +230,8 @@ class SwarmOptimizer(hivemind.Optimizer):
         self._key_length = 0  # bits in this peer's current grid key (0: the whole swarm is one group)
         self._resync_requested = False  # a gradient round showed this peer behind: load the state before the next batch
         self._target_group_size: Optional[int] = None  # what the gradient averager assembles at (see matchmaking.py)
+        #: the global step at which the run ends (the strategy's ``max_global_steps``): step() never goes past it
+        self.stop_at_epoch: Optional[int] = None
         quiet_expected_round_failures()  # before super().__init__ forks the averager processes
         self._partial_rounds = PartialRoundCounter()
         self._partial_rounds.attach()  # inherited by the averager processes forked in super().__init__
@@ -541,6 +543,9 @@ class SwarmOptimizer(hivemind.Optimizer):
                 return loss
             if self._resync_if_behind():
                 return loss
+        if self.stop_at_epoch is not None and self.local_epoch >= self.stop_at_epoch:
+            return loss  # the run ends at this global step (max_global_steps): no transition past it, e.g. right
+            # after a state download that brought this peer to it within this very call
         epoch_before = self.local_epoch
         self.samples_reported += batch_size if batch_size is not None else (self.batch_size_per_step or 0)
         return_value = super().step(closure=closure, batch_size=batch_size, grad_scaler=grad_scaler)

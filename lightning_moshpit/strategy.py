@@ -390,6 +390,7 @@ class MoshpitStrategy(SingleDeviceStrategy):
         rank_zero_info(f"[moshpit] started with {seen} peer(s) visible, at global step {self.global_step}")
         if self.max_global_steps is not None:
             self._lift_local_limits()
+            self._swarm_optimizer.stop_at_epoch = self.max_global_steps
             self._stop_at_max_global_steps()
 
     def _lift_local_limits(self) -> None:

@@ -3,8 +3,9 @@
 Each row starts ``python -m lightning_moshpit.testing.peer`` processes (``Trainer.fit(strategy=MoshpitStrategy(...))``)
 that stop at the swarm's global step ``--steps`` (``MoshpitStrategy(max_global_steps=...)``, with its final parameter
 round). A run **passes** when every peer that should finish exits 0 at that global step, and their final parameters and
-BatchNorm-free buffers agree within 1e-6 (one model), and, for the crash row, when no survivor stalled longer than
-``averaging_timeout``.
+floating buffers agree within 1e-6 (one model), and, for the crash row, when no survivor stalled longer than
+``averaging_timeout``. Partial all-reduces (a member sent nothing, e.g. the paused one) do not fail a run: they are
+failed rounds in the share below, and their log lines are counted.
 
 The **full-round share** counts gradient-averaging rounds (``AveragingRound``) over all runs of a row: a round is full
 when it succeeded (a partial all-reduce, where a member sent nothing, counts as failed) and its group held every live
@@ -52,6 +53,8 @@ class RunResult:
     seconds: float
     longest_stall: Optional[float] = None
     why: str = ""
+    #: lines in which hivemind reported a partial all-reduce (such rounds count as failed in ``full_rounds``)
+    partial_lines: int = 0
 
 
 @dataclasses.dataclass
@@ -84,9 +87,7 @@ def judge(swarm: LocalSwarm, finishers: list[int], steps: int, live: Optional[in
         gap = max((abs(a - b) for report in reports[1:] for a, b in zip(first, report[key])), default=0.0)
         if gap > 1e-6:
             why.append(f"{key} differ by {gap:.2e}")
-    partial = partial_allreduce_lines("\n".join(swarm.log(i) for i in range(len(swarm.processes))))
-    if partial:
-        why.append(f"{len(partial)} partial all-reduce line(s)")
+    partial = len(partial_allreduce_lines("\n".join(swarm.log(i) for i in range(len(swarm.processes)))))
     full = total = 0
     for report in reports:
         for record in report["rounds"]:
@@ -100,7 +101,7 @@ def judge(swarm: LocalSwarm, finishers: list[int], steps: int, live: Optional[in
         stall = max(longest_stall_after_first_step(report) for report in reports)
         if stall > stall_limit:
             why.append(f"a survivor stalled {stall:.1f} s > {stall_limit} s")
-    return RunResult(not why, full, total, seconds, stall, "; ".join(why))
+    return RunResult(not why, full, total, seconds, stall, "; ".join(why), partial)
 
 
 def longest_stall_after_first_step(report: dict) -> float:
@@ -204,14 +205,15 @@ ROWS = [
 
 
 def table(results: dict[str, list[RunResult]]) -> str:
-    lines = ["| setting | passes | rounds with every live peer | longest survivor stall (s) | seconds per run |",
-             "|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| setting | passes | rounds with every live peer | partial all-reduce lines | longest survivor stall (s) "
+             "| seconds per run |", "|---|---|---|---|---|---|"]  # fmt: skip
     for name, runs in results.items():
         full, total = sum(r.full_rounds for r in runs), sum(r.rounds for r in runs)
         share = f"{full}/{total} ({100 * full / total:.1f}%)" if total else "n/a (no gradient rounds)"
         stalls = [r.longest_stall for r in runs if r.longest_stall is not None]
         stall = f"{max(stalls):.1f}" if stalls else "-"
-        lines.append(f"| {name} | {sum(r.passed for r in runs)}/{len(runs)} | {share} | {stall} | "
+        lines.append(f"| {name} | {sum(r.passed for r in runs)}/{len(runs)} | {share} | "
+                     f"{sum(r.partial_lines for r in runs)} | {stall} | "
                      f"{sum(r.seconds for r in runs) / len(runs):.0f} |")  # fmt: skip
     return "\n".join(lines)
 

@@ -422,6 +422,12 @@ class SwarmOptimizer(hivemind.Optimizer):
         return super()._begin_averaging_gradients(grad_scaler)
 
     def _book_gradient_round(self) -> StepControl:
+        gather = {STEP_OF_ROUND: self.local_epoch}
+        if self.delay_grad_averaging:
+            # with delayed updates hivemind triggers the round from its background step: starting the all-reduce
+            # early (below) left members waiting for late parts (soak "DPU, 3 peers": 28 partial all-reduce lines
+            # in one run), so DPU keeps hivemind's own group assembly
+            return self.grad_averager.schedule_step(gather=gather, timeout=self.averaging_timeout)
         # the round starts as soon as every live peer joined (lightning_moshpit.matchmaking); the longer window only
         # runs out when one is missing
         wanted = max(2, min(self.num_peers, self.group_size))
@@ -429,9 +435,7 @@ class SwarmOptimizer(hivemind.Optimizer):
             set_target_group_size(self.grad_averager, wanted)
             self._target_group_size = wanted
         return self.grad_averager.schedule_step(
-            scheduled_time=get_dht_time() + 2 * self.matchmaking_time,
-            gather={STEP_OF_ROUND: self.local_epoch},
-            timeout=self.averaging_timeout,
+            scheduled_time=get_dht_time() + 2 * self.matchmaking_time, gather=gather, timeout=self.averaging_timeout
         )
 
     def _maybe_schedule_state_averaging(self) -> None:

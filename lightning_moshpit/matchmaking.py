@@ -13,16 +13,38 @@ moment the last peer joins, so the window can be longer (``2 x matchmaking_time`
 time; only a round that really misses a peer waits for the whole window. hivemind fixes ``target_group_size`` when the
 averager process starts, so :func:`set_target_group_size` sends the new value through the averager's control pipe,
 to a handler :func:`install` adds to ``DecentralizedAverager`` (before the averager processes fork).
+
+A member's first part that arrives before the member registered the group
+--------------------------------------------------------------------------
+A member registers a group for its all-reduce only after its own trigger (``allow_allreduce``); a leader that was
+triggered already starts sending parts the moment the group is assembled. hivemind 1.1.12's
+``DecentralizedAverager.rpc_aggregate_part`` covers that case by waiting *once* on ``_pending_groups_registered``, an
+event that every registration and unregistration of *any* round of that averager sets. Under delayed parameter updates
+the next round is booked while the previous one still runs, so the previous round's end has already set the event:
+the wait returns at once and the member answers ``BAD_GROUP_ID`` to its own group. Measured (2 DPU peers, DEBUG logs,
+``tests/test_swarm_modes.py -k dpu``, 2 of 2 runs): the leader sent to a follower 17 ms after assembly, got
+``BAD_GROUP_ID``, finished with "received 75.7% results", and the follower waited ``sender_timeout`` (3.3 s) for the
+leader's parts and finished with "Reducer: received 50.0% of input tensors": a partial all-reduce on both.
+:func:`install` replaces that handler with one that waits until the group is registered, for at most the
+all-reduce's ``reducer_timeout`` (the leader gives up on an answer after that long anyway).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from typing import Any, AsyncIterator
 
 from hivemind.averaging import DecentralizedAverager
+from hivemind.p2p import P2PContext
+from hivemind.proto import averaging_pb2
+from hivemind.utils.asyncio import achain, anext, as_aiter
 from hivemind.utils.mpfuture import MPFuture
 
 _HANDLER = "_moshpit_set_target_group_size"
+#: How often a part that arrived before its group was registered looks again (seconds).
+REGISTRATION_POLL = 0.01
+#: Bound on that wait when the averager has no ``reducer_timeout`` (hivemind's default has none).
+DEFAULT_REGISTRATION_WAIT = 30.0
 
 
 async def _set_target_group_size(self: DecentralizedAverager, size: int, future: MPFuture) -> None:
@@ -36,10 +58,33 @@ async def _set_target_group_size(self: DecentralizedAverager, size: int, future:
             future.set_exception(error)
 
 
+async def _rpc_aggregate_part(
+    self: DecentralizedAverager, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+) -> AsyncIterator[averaging_pb2.AveragingData]:
+    """hivemind's handler, but a part that arrives before its group is registered here waits for the registration
+    (see the module docstring) instead of one wake-up of a shared event."""
+    request = await anext(stream)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + (self.allreduce_kwargs.get("reducer_timeout") or DEFAULT_REGISTRATION_WAIT)
+    # polling, not hivemind's event: that event is shared by every round of this averager, so it cannot say whether
+    # *this* group was registered
+    while request.group_id not in self._running_groups and loop.time() < deadline:
+        await asyncio.sleep(REGISTRATION_POLL)
+    future = self._running_groups.get(request.group_id)
+    if future is None:
+        yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
+        return
+    group = await future
+    async for message in group.rpc_aggregate_part(achain(as_aiter(request), stream), context):
+        yield message
+
+
 def install() -> None:
-    """Add the control-pipe handler to hivemind's averager class (idempotent)."""
+    """Add the control-pipe handler to hivemind's averager class and replace its ``rpc_aggregate_part`` (idempotent;
+    before any averager starts, so that every averager process registers these)."""
     if not hasattr(DecentralizedAverager, _HANDLER):
         setattr(DecentralizedAverager, _HANDLER, _set_target_group_size)
+        DecentralizedAverager.rpc_aggregate_part = _rpc_aggregate_part
 
 
 def set_target_group_size(averager: DecentralizedAverager, size: int) -> Any:

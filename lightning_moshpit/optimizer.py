@@ -101,6 +101,7 @@ class SwarmProgressTracker(ProgressTracker):
         self.last_fetch_time = time.time()  #: wall-clock time of the last swarm-progress fetch (stale after a pause)
         self.implausible_records = 0  #: progress records ignored because their claims exceed the plausibility bound
         self._warned_implausible: dict[bytes, int] = {}  # peer id -> epoch of the last warning about it
+        self._recent: dict[Any, ValueWithExpiration] = {}  # DHT subkey -> the latest record seen (see _remember)
         super().__init__(*args, **kwargs)
 
     def run(self) -> None:
@@ -140,8 +141,32 @@ class SwarmProgressTracker(ProgressTracker):
                         f"{progress.epoch}: it {problem} (target_batch_size={self.target_batch_size})")  # fmt: skip
         return False
 
+    def _remember(self, metadata: Any) -> dict:
+        """Merge a fetch into the records seen recently, and return those that have not expired.
+
+        hivemind's DHT stores the swarm's progress as one dictionary key on ``num_replicas`` (5) nodes; with more
+        peers than replicas a fetch can come back from a node holding only some peers' subkeys, or with nothing
+        (``Found no active peers: None``). Measured with 8 peers on 2 cores: peers that had all reported within the
+        last seconds saw swarms of 1 to 4 peers, skipped rounds as "alone", and booked rounds for a group of 4. A
+        record stays valid until its own expiration (``metadata_expiration`` after its report), so each subkey keeps
+        its latest record (by expiration, i.e. by report time) until then; a goodbye (``None``, stored by a peer that
+        shuts down) replaces it like any newer record.
+        """
+        now = get_dht_time()
+        if isinstance(metadata, dict):
+            for subkey, record in metadata.items():
+                expiration = getattr(record, "expiration_time", None)
+                if not isinstance(expiration, (int, float)):
+                    continue
+                known = self._recent.get(subkey)
+                if known is None or expiration > known.expiration_time:
+                    self._recent[subkey] = record
+        self._recent = {key: record for key, record in self._recent.items() if record.expiration_time > now}
+        return dict(self._recent)
+
     def _parse_swarm_progress_data(self, metadata: Any) -> Any:
         self.last_fetch_time = time.time()
+        metadata = self._remember(metadata)
         own = self.local_progress
         others: list[LocalTrainingProgress] = []
         if isinstance(metadata, dict) and metadata:
@@ -230,6 +255,9 @@ class SwarmOptimizer(hivemind.Optimizer):
         self._key_length = 0  # bits in this peer's current grid key (0: the whole swarm is one group)
         self._resync_requested = False  # a gradient round showed this peer behind: load the state before the next batch
         self._target_group_size: Optional[int] = None  # what the gradient averager assembles at (see matchmaking.py)
+        #: seconds a gradient round waits for the live swarm to join before it starts without the missing peers (see
+        #: :meth:`_widen_matchmaking_window`); starts at 2 x matchmaking_time
+        self.matchmaking_window = 2 * kwargs.get("matchmaking_time", 15.0)  # hivemind.Optimizer's default
         #: the global step at which the run ends (the strategy's ``max_global_steps``): step() never goes past it
         self.stop_at_epoch: Optional[int] = None
         quiet_expected_round_failures()  # before super().__init__ forks the averager processes
@@ -435,8 +463,25 @@ class SwarmOptimizer(hivemind.Optimizer):
             set_target_group_size(self.grad_averager, wanted)
             self._target_group_size = wanted
         return self.grad_averager.schedule_step(
-            scheduled_time=get_dht_time() + 2 * self.matchmaking_time, gather=gather, timeout=self.averaging_timeout
+            scheduled_time=get_dht_time() + self.matchmaking_window, gather=gather, timeout=self.averaging_timeout
         )
+
+    def _widen_matchmaking_window(self, record: AveragingRound) -> None:
+        """After a gradient round without every live peer, widen the window to half of ``averaging_timeout``.
+
+        The floor under ``matchmaking_time`` is how far apart the peers notice the end of a step, which grows with the
+        swarm and the machine's load: 8 peers on 2 cores (about 40 processes) lag each other by more than 2 s, and
+        with ``matchmaking_time=1`` (window 2 s) none of a soak run's rounds held all 8; with a 6 s window 40 of 53
+        did. A round starts as soon as every live peer joined, so a wide window costs nothing while the swarm is
+        complete; it only delays rounds that really miss a peer (a crashed one, until the progress tracker drops it
+        after ``averaging_timeout``). So the window follows what the rounds show instead of refusing a setting.
+        """
+        complete = min(record.swarm_size, self.group_size)
+        ceiling = max(2 * self.matchmaking_time, self.averaging_timeout / 2)
+        if record.swarm_size > 1 and record.group_size < complete and self.matchmaking_window < ceiling:
+            self.matchmaking_window = ceiling
+            log.warning(f"A gradient round held {record.group_size} of {complete} peers; waiting up to "
+                        f"{self.matchmaking_window:.1f} s for late peers from now on")  # fmt: skip
 
     def _maybe_schedule_state_averaging(self) -> None:
         if self.tracker.global_progress.num_peers > 1:
@@ -490,6 +535,8 @@ class SwarmOptimizer(hivemind.Optimizer):
         with self._rounds_lock:
             self.rounds.append(record)
         self._failures_in_a_row = 0 if record.succeeded else self._failures_in_a_row + 1
+        if not self.delay_grad_averaging:
+            self._widen_matchmaking_window(record)
         wanted_length = key_length(record.swarm_size, self.group_size)
         if record.succeeded and wanted_length == self._key_length:
             return

@@ -1,0 +1,36 @@
+"""The gradient round's matchmaking window widens after a round that missed a live peer (pure logic, no swarm)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from lightning_moshpit.optimizer import AveragingRound, SwarmOptimizer
+
+
+def _round(group_size: int, swarm_size: int) -> AveragingRound:
+    return AveragingRound(epoch=3, group_size=group_size, swarm_size=swarm_size, succeeded=group_size > 0, time=0.0)
+
+
+def _optimizer(matchmaking_time: float = 1.0, averaging_timeout: float = 10.0, group_size: int = 16) -> SimpleNamespace:
+    return SimpleNamespace(matchmaking_time=matchmaking_time, averaging_timeout=averaging_timeout,
+                           group_size=group_size, matchmaking_window=2 * matchmaking_time)  # fmt: skip
+
+
+def test_complete_rounds_keep_the_window_and_an_incomplete_one_widens_it_to_half_the_timeout() -> None:
+    optimizer = _optimizer()
+    SwarmOptimizer._widen_matchmaking_window(optimizer, _round(8, 8))
+    SwarmOptimizer._widen_matchmaking_window(optimizer, _round(1, 1))  # alone: nothing to wait for
+    assert optimizer.matchmaking_window == 2.0
+    SwarmOptimizer._widen_matchmaking_window(optimizer, _round(5, 8))
+    assert optimizer.matchmaking_window == 5.0
+    SwarmOptimizer._widen_matchmaking_window(optimizer, _round(0, 8))  # a failed round: already at the ceiling
+    assert optimizer.matchmaking_window == 5.0
+
+
+def test_a_grid_round_is_complete_at_group_size_and_the_window_never_shrinks_below_twice_matchmaking_time() -> None:
+    grid = _optimizer(group_size=4)
+    SwarmOptimizer._widen_matchmaking_window(grid, _round(4, 8))  # a full grid group of 4 in a swarm of 8
+    assert grid.matchmaking_window == 2.0
+    slow = _optimizer(matchmaking_time=4.0, averaging_timeout=6.0)
+    SwarmOptimizer._widen_matchmaking_window(slow, _round(2, 3))
+    assert slow.matchmaking_window == 8.0  # half the timeout (3 s) is below the initial 8 s window: kept

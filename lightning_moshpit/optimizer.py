@@ -113,6 +113,7 @@ class SwarmProgressTracker(ProgressTracker):
         """
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
+        loop.set_exception_handler(self._report_store_timeouts_in_one_line)
         try:
             loop.run_until_complete(asyncio.gather(self._progress_reporter(), self._progress_fetcher()))
             leftovers = asyncio.all_tasks(loop)
@@ -122,6 +123,17 @@ class SwarmProgressTracker(ProgressTracker):
         finally:
             loop.close()
             self.shutdown_complete.set()
+
+    def _report_store_timeouts_in_one_line(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        """hivemind's reporter stores each progress record in a task it never awaits; a store that timed out (the DHT
+        was overloaded, e.g. 8 peers starting at once on 2 cores) was printed as "Task exception was never
+        retrieved" plus two tracebacks. The next report replaces the record, so one line says it; anything else
+        goes to asyncio's default handler."""
+        if isinstance(context.get("exception"), asyncio.TimeoutError) and "never retrieved" in context.get("message", ""):
+            log.warning(f"A progress report to the DHT timed out after {self.metadata_expiration:.0f} s (the DHT is "
+                        f"overloaded or unreachable); the next report replaces it")  # fmt: skip
+            return
+        loop.default_exception_handler(context)
 
     def plausible(self, record: Any) -> bool:
         """Whether a raw progress record (a dict, as stored in the DHT) is well-formed and within the bound."""

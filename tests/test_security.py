@@ -315,3 +315,21 @@ def test_a_peer_missing_from_one_fetch_counts_until_its_record_expires_and_a_goo
     expired = {b"b": ValueWithExpiration(both[b"b"].value, get_dht_time() + 40), b"late": _progress(other, 8)}
     expired[b"late"] = ValueWithExpiration(expired[b"late"].value, get_dht_time() - 1)
     assert tracker._parse_swarm_progress_data(expired).num_peers == 2  # PEER_B and this one; "late" had expired
+
+
+def test_a_timed_out_progress_store_is_one_warning_line_and_other_loop_errors_keep_the_default_report(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tracker = SwarmProgressTracker(_FakeDHT(), "run", target_batch_size=512, max_refresh_period=0.5, start=False)
+    loop = asyncio.new_event_loop()
+    try:
+        with caplog.at_level(logging.WARNING):
+            timeout = {"message": "Task exception was never retrieved", "exception": asyncio.TimeoutError()}
+            tracker._report_store_timeouts_in_one_line(loop, timeout)
+            assert "A progress report to the DHT timed out" in caplog.text and "Traceback" not in caplog.text
+            caplog.clear()
+            other = {"message": "Task exception was never retrieved", "exception": ValueError("boom")}
+            tracker._report_store_timeouts_in_one_line(loop, other)
+        assert "boom" in caplog.text and "A progress report" not in caplog.text
+    finally:
+        loop.close()

@@ -63,7 +63,7 @@ browser:
 	fi
 
 ## make test: the whole suite (multi-peer tests included): the core in .venv, then the recipes in .venv-recipes.
-## Both parts always run; it fails if either failed. About 19 min on 2 cores (core ~12.5, recipes ~6).
+## Both parts always run; it fails if either failed. About 20 min on 2 cores from a fresh clone (environments ~5, core ~12, recipes ~2.5).
 test: browser install-dev install-recipes
 	@status=0; \
 	$(BIN)/python -m pytest -ra --durations=25 $(addprefix --ignore=,$(RECIPE_TESTS)) $(PYTEST_ARGS) || status=1; \

@@ -26,7 +26,9 @@ the wait returns at once and the member answers ``BAD_GROUP_ID`` to its own grou
 ``BAD_GROUP_ID``, finished with "received 75.7% results", and the follower waited ``sender_timeout`` (3.3 s) for the
 leader's parts and finished with "Reducer: received 50.0% of input tensors": a partial all-reduce on both.
 :func:`install` replaces that handler with one that waits until the group is registered, for at most the
-all-reduce's ``reducer_timeout`` (the leader gives up on an answer after that long anyway).
+all-reduce's ``reducer_timeout`` (the leader gives up on an answer after that long anyway). A part for a group this
+member never registers (a stale leader, or a made-up group id) is answered ``BAD_GROUP_ID`` after that bound rather
+than at once, so such a request holds one handler open for up to ``reducer_timeout``.
 """
 
 from __future__ import annotations
@@ -74,7 +76,9 @@ async def _rpc_aggregate_part(
     if future is None:
         yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
         return
-    group = await future
+    # shielded: if the sender gives up, this handler is cancelled, and an unshielded await would cancel the future
+    # that the member's own all-reduce is about to resolve (its set_result would then fail the whole round)
+    group = await asyncio.shield(future)
     async for message in group.rpc_aggregate_part(achain(as_aiter(request), stream), context):
         yield message
 

@@ -474,12 +474,16 @@ class SwarmOptimizer(hivemind.Optimizer):
         if wanted != self._target_group_size:
             set_target_group_size(self.grad_averager, wanted)
             self._target_group_size = wanted
+        # hivemind requires the scheduled time to fall before the round's deadline (averaging_timeout from now)
+        window = min(self.matchmaking_window, 0.9 * self.averaging_timeout)
         return self.grad_averager.schedule_step(
-            scheduled_time=get_dht_time() + self.matchmaking_window, gather=gather, timeout=self.averaging_timeout
+            scheduled_time=get_dht_time() + window, gather=gather, timeout=self.averaging_timeout
         )
 
     def _widen_matchmaking_window(self, record: AveragingRound) -> None:
         """After a gradient round without every live peer, widen the window to half of ``averaging_timeout``.
+
+        Only while the swarm averages as one group (no grid key): a grid bucket's group size is not known here.
 
         The floor under ``matchmaking_time`` is how far apart the peers notice the end of a step, which grows with the
         swarm and the machine's load: 8 peers on 2 cores (about 40 processes) lag each other by more than 2 s, and
@@ -488,6 +492,8 @@ class SwarmOptimizer(hivemind.Optimizer):
         complete; it only delays rounds that really miss a peer (a crashed one, until the progress tracker drops it
         after ``averaging_timeout``). So the window follows what the rounds show instead of refusing a setting.
         """
+        if self._key_length:
+            return  # on a grid a bucket holds however many peers its key has, so a smaller group is no missed peer
         complete = min(record.swarm_size, self.group_size)
         ceiling = max(2 * self.matchmaking_time, self.averaging_timeout / 2)
         if record.swarm_size > 1 and record.group_size < complete and self.matchmaking_window < ceiling:

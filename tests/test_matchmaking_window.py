@@ -11,9 +11,10 @@ def _round(group_size: int, swarm_size: int) -> AveragingRound:
     return AveragingRound(epoch=3, group_size=group_size, swarm_size=swarm_size, succeeded=group_size > 0, time=0.0)
 
 
-def _optimizer(matchmaking_time: float = 1.0, averaging_timeout: float = 10.0, group_size: int = 16) -> SimpleNamespace:
+def _optimizer(matchmaking_time: float = 1.0, averaging_timeout: float = 10.0, group_size: int = 16,
+               key_length: int = 0) -> SimpleNamespace:  # fmt: skip
     return SimpleNamespace(matchmaking_time=matchmaking_time, averaging_timeout=averaging_timeout,
-                           group_size=group_size, matchmaking_window=2 * matchmaking_time)  # fmt: skip
+                           group_size=group_size, matchmaking_window=2 * matchmaking_time, _key_length=key_length)  # fmt: skip
 
 
 def test_complete_rounds_keep_the_window_and_an_incomplete_one_widens_it_to_half_the_timeout() -> None:
@@ -27,9 +28,10 @@ def test_complete_rounds_keep_the_window_and_an_incomplete_one_widens_it_to_half
     assert optimizer.matchmaking_window == 5.0
 
 
-def test_a_grid_round_is_complete_at_group_size_and_the_window_never_shrinks_below_twice_matchmaking_time() -> None:
-    grid = _optimizer(group_size=4)
-    SwarmOptimizer._widen_matchmaking_window(grid, _round(4, 8))  # a full grid group of 4 in a swarm of 8
+def test_grid_rounds_never_widen_and_the_window_never_shrinks_below_twice_matchmaking_time() -> None:
+    grid = _optimizer(group_size=4, key_length=2)  # 8 peers in grid buckets: a bucket may hold 2 peers, or 4
+    SwarmOptimizer._widen_matchmaking_window(grid, _round(2, 8))
+    SwarmOptimizer._widen_matchmaking_window(grid, _round(4, 8))
     assert grid.matchmaking_window == 2.0
     slow = _optimizer(matchmaking_time=4.0, averaging_timeout=6.0)
     SwarmOptimizer._widen_matchmaking_window(slow, _round(2, 3))

@@ -176,10 +176,6 @@ class SwarmProgressTracker(ProgressTracker):
         self._recent = {key: record for key, record in self._recent.items() if record.expiration_time > now}
         return dict(self._recent)
 
-    def listed_peer_ids(self) -> set[bytes]:
-        """Peer ids of the unexpired progress records this tracker remembers (not auxiliary peers: they report none)."""
-        return {r.value["peer_id"] for r in self._recent.values() if isinstance(r.value, dict) and "peer_id" in r.value}
-
     def _parse_swarm_progress_data(self, metadata: Any) -> Any:
         self.last_fetch_time = time.time()
         metadata = self._remember(metadata)
@@ -274,9 +270,6 @@ class SwarmOptimizer(hivemind.Optimizer):
         #: seconds a gradient round waits for the live swarm to join before it starts without the missing peers (see
         #: :meth:`_widen_matchmaking_window`); starts at 2 x matchmaking_time
         self.matchmaking_window = 2 * kwargs.get("matchmaking_time", 15.0)  # hivemind.Optimizer's default
-        #: members of this peer's last successful gradient round that have no progress record: auxiliary peers, which
-        #: report no samples; the live swarm size leaves them out, so the round's target adds them
-        self.unlisted_members = 0
         #: the global step at which the run ends (the strategy's ``max_global_steps``): step() never goes past it
         self.stop_at_epoch: Optional[int] = None
         quiet_expected_round_failures()  # before super().__init__ forks the averager processes
@@ -477,9 +470,8 @@ class SwarmOptimizer(hivemind.Optimizer):
             return self.grad_averager.schedule_step(gather=gather, timeout=self.averaging_timeout)
         # the round starts as soon as every live peer joined (lightning_moshpit.matchmaking); the longer window only
         # runs out when one is missing
-        # auxiliary peers have no progress record: an auxiliary peer counts itself, a trainer the ones it averaged with
-        unlisted = 1 if self.auxiliary else self.unlisted_members
-        wanted = max(2, min(self.num_peers + unlisted, self.group_size))
+        # an auxiliary peer has no progress record, so the live swarm size leaves it out: it counts itself
+        wanted = max(2, min(self.num_peers + int(self.auxiliary), self.group_size))
         if wanted != self._target_group_size:
             set_target_group_size(self.grad_averager, wanted)
             self._target_group_size = wanted
@@ -535,11 +527,7 @@ class SwarmOptimizer(hivemind.Optimizer):
             return  # no round was attempted: this peer was alone
         group_size = 0
         if maybe_step_control.done() and maybe_step_control.exception() is None:
-            members = maybe_step_control.result()
-            group_size = len(members)
-            if not self.auxiliary and isinstance(self.tracker, SwarmProgressTracker):
-                listed = self.tracker.listed_peer_ids() | {self.dht.peer_id.to_bytes()}
-                self.unlisted_members = sum(peer.to_bytes() not in listed for peer in members)
+            group_size = len(maybe_step_control.result())
         self._record_round(group_size, seconds=time.perf_counter() - began)
 
     def _members_ahead(self, control: Optional[StepControl]) -> list[int]:

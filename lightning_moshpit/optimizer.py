@@ -242,9 +242,6 @@ class SwarmOptimizer(hivemind.Optimizer):
         self._key_length = 0  # bits in this peer's current grid key (0: the whole swarm is one group)
         self._resync_requested = False  # a gradient round showed this peer behind: load the state before the next batch
         self._target_group_size: Optional[int] = None  # what the gradient averager assembles at (see matchmaking.py)
-        #: seconds a gradient round waits for the live swarm to join before it starts without the missing peers (see
-        #: :meth:`_widen_matchmaking_window`); starts at 2 x matchmaking_time
-        self.matchmaking_window = 2 * kwargs.get("matchmaking_time", 15.0)  # hivemind.Optimizer's default
         #: the global step at which the run ends (the strategy's ``max_global_steps``): step() never goes past it
         self.stop_at_epoch: Optional[int] = None
         quiet_expected_round_failures()  # before super().__init__ forks the averager processes
@@ -254,6 +251,9 @@ class SwarmOptimizer(hivemind.Optimizer):
             super().__init__(**kwargs)
         finally:
             self._partial_rounds.detach()
+        #: seconds a gradient round waits for the live swarm to join before it starts without the missing peers (see
+        #: :meth:`_widen_matchmaking_window`); starts at 2 x matchmaking_time
+        self.matchmaking_window = 2 * self.matchmaking_time
 
     def _make_progress_tracker(self, target_batch_size: int, **kwargs: Any) -> ProgressTracker:
         return SwarmProgressTracker(
@@ -468,8 +468,10 @@ class SwarmOptimizer(hivemind.Optimizer):
         complete; it only delays rounds that really miss a peer (a crashed one, until the progress tracker drops it
         after ``averaging_timeout``). So the window follows what the rounds show instead of refusing a setting.
         """
-        if self._key_length:
-            return  # on a grid a bucket holds however many peers its key has, so a smaller group is no missed peer
+        if self.delay_grad_averaging or self._key_length:
+            # DPU keeps hivemind's group assembly (no window of ours); on a grid a bucket holds however many peers its
+            # key has, so a smaller group is no missed peer
+            return
         complete = min(record.swarm_size, self.group_size)
         ceiling = max(2 * self.matchmaking_time, self.averaging_timeout / 2)
         if record.swarm_size > 1 and record.group_size < complete and self.matchmaking_window < ceiling:
@@ -530,8 +532,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         with self._rounds_lock:
             self.rounds.append(record)
         self._failures_in_a_row = 0 if record.succeeded else self._failures_in_a_row + 1
-        if not self.delay_grad_averaging:
-            self._widen_matchmaking_window(record)
+        self._widen_matchmaking_window(record)
         wanted_length = key_length(record.swarm_size, self.group_size)
         if record.succeeded and wanted_length == self._key_length:
             return

@@ -14,7 +14,8 @@ def _round(group_size: int, swarm_size: int) -> AveragingRound:
 def _optimizer(matchmaking_time: float = 1.0, averaging_timeout: float = 10.0, group_size: int = 16,
                key_length: int = 0) -> SimpleNamespace:  # fmt: skip
     return SimpleNamespace(matchmaking_time=matchmaking_time, averaging_timeout=averaging_timeout,
-                           group_size=group_size, matchmaking_window=2 * matchmaking_time, _key_length=key_length)  # fmt: skip
+                           group_size=group_size, matchmaking_window=2 * matchmaking_time, _key_length=key_length,
+                           delay_grad_averaging=False)  # fmt: skip
 
 
 def test_complete_rounds_keep_the_window_and_an_incomplete_one_widens_it_to_half_the_timeout() -> None:

@@ -9,7 +9,8 @@ failed rounds in the share below, and their log lines are counted.
 
 The **full-round share** counts gradient-averaging rounds (``AveragingRound``) over all runs of a row: a round is full
 when it succeeded (a partial all-reduce, where a member sent nothing, counts as failed) and its group held every live
-peer. In the fixed-size rows "every live peer" is every peer of the run. In the join, pause and crash rows the swarm
+peer. In the fixed-size rows "every live peer" is every peer of the run (on a grid, every peer of the round's grid
+bucket, computed from the run's size). In the join, pause and crash rows the swarm
 changes size, so it is the swarm size the peer's progress tracker saw when the round ended. Rounds at the last global
 step are left out (peers that stop leave). Local-updates peers average parameters, not gradients, and record no
 ``AveragingRound``: that row reports passes only.
@@ -35,6 +36,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, Optional
 
+from lightning_moshpit.averaging import grid_bucket
 from lightning_moshpit.testing.launch import LocalSwarm, partial_allreduce_lines
 
 MATCHMAKING_TIME = 1.0
@@ -74,8 +76,11 @@ def target_for(speed: list[str], num_peers: int) -> int:
 
 
 def judge(swarm: LocalSwarm, finishers: list[int], steps: int, live: Optional[int], stall_limit: Optional[float] = None,
-          started: float = 0.0) -> RunResult:  # fmt: skip
-    """Pass/fail and round counts of a finished run (``live``: fixed swarm size, or None to use each round's view)."""
+          started: float = 0.0, group_size: int = 16) -> RunResult:  # fmt: skip
+    """Pass/fail and round counts of a finished run (``live``: fixed swarm size, or None to use each round's view).
+
+    On a full grid (``live`` = M^d peers, ``group_size`` M) a complete round holds the peers of one grid bucket, M
+    or fewer depending on the round's dimension: computed here from the run's size, not taken from the peers."""
     seconds = time.monotonic() - started
     reports = [json.loads(swarm.report_path(i).read_text()) for i in finishers]
     why = []
@@ -94,7 +99,10 @@ def judge(swarm: LocalSwarm, finishers: list[int], steps: int, live: Optional[in
             if record["epoch"] >= steps - 1:
                 continue
             total += 1
-            wanted = live if live is not None else record["swarm_size"]
+            if live is not None:
+                wanted = grid_bucket(0, live, group_size, record["epoch"])[1]
+            else:
+                wanted = min(record["swarm_size"], group_size)
             full += bool(record["succeeded"] and record["group_size"] >= wanted)
     stall = None
     if stall_limit is not None:
@@ -135,7 +143,7 @@ def fixed_swarm(num_peers: int, speed: list[str], steps: int = 10, extra: tuple[
             failure = finish(swarm, 120 + 30 * num_peers)
             if failure:
                 return RunResult(False, 0, 0, time.monotonic() - started, why=failure)
-            return judge(swarm, list(range(num_peers)), steps, min(num_peers, group_size), started=started)
+            return judge(swarm, list(range(num_peers)), steps, num_peers, started=started, group_size=group_size)
 
     return run
 
@@ -224,6 +232,8 @@ def main() -> None:
     parser.add_argument("--rows", nargs="*", default=None, help="only these rows (names as in the table)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs/benchmarks/soak.json")
     parser.add_argument("--append", action="store_true", help="add these runs to those already in --out")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="keep every run's peer logs and reports under this folder (default: a temporary one)")
     args = parser.parse_args()
     if args.runs < 1:
         parser.error(f"--runs must be at least 1, got {args.runs}")
@@ -236,7 +246,8 @@ def main() -> None:
     if args.append and args.out.exists():
         earlier = json.loads(args.out.read_text())["rows"]
         results = {name: [RunResult(**run) for run in runs] for name, runs in earlier.items()}
-    with tempfile.TemporaryDirectory(prefix="moshpit-soak-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="moshpit-soak-") as temporary:
+        scratch = args.keep or temporary
         for index, row in enumerate(rows):
             for k in range(args.runs):
                 result = row.run(Path(scratch) / f"row{index}-run{k}", k)

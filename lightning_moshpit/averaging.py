@@ -95,6 +95,38 @@ def grid_group_bits(index: int, num_peers: int, group_size: int) -> str:
     return "".join(format(coordinate, f"0{nbits}b") for coordinate in coordinates[1:])
 
 
+def grid_bucket(index: int, num_peers: int, group_size: int, round_number: int) -> tuple[str, int]:
+    """The bucket of the peer at grid position ``index`` in the gradient round ``round_number``: (key, population).
+
+    Round r groups the peers that share every grid coordinate but ``c_(r mod d)``, so d rounds in a row average
+    along every dimension once, whatever happened before. hivemind's own key rotation (see the module docstring)
+    carries the grid from one round to the next instead: one failed bucket leaves its members' keys out of phase
+    with the others', and the next buckets hold 3 and 1 peers where 2 and 2 were meant. Deriving the key from
+    the round number and a position in the sorted live swarm needs no history. The population is how many peers
+    of a swarm of ``num_peers`` share this bucket: the group a complete round holds (1: this peer is alone in
+    the round, which happens only on a grid that is not full).
+
+    >>> [grid_bucket(i, 4, 2, 0) for i in range(4)]
+    [('0', 2), ('0', 2), ('1', 2), ('1', 2)]
+    >>> [grid_bucket(i, 4, 2, 1)[0] for i in range(4)]
+    ['0', '1', '0', '1']
+    >>> grid_bucket(0, 8, 4, 0), grid_bucket(0, 8, 4, 1)
+    (('00', 4), ('00', 2))
+    """
+    if not 0 <= index < num_peers:
+        raise ValueError(f"`index` must be in [0, {num_peers}), got {index}")
+    nbits = bits_per_dimension(group_size)
+    dims = grid_dimensions(num_peers, group_size)
+    along = round_number % dims
+
+    def others(position: int) -> list[int]:
+        return [(position // group_size**dim) % group_size for dim in range(dims) if dim != along]
+
+    mine = others(index)
+    population = sum(others(position) == mine for position in range(num_peers))
+    return "".join(format(coordinate, f"0{nbits}b") for coordinate in mine), population
+
+
 def averager_options(group_size: int, matchmaking_time: float, group_bits: str = "") -> dict:
     """Keyword arguments for a hivemind averager that joins the Moshpit grid in bucket ``group_bits``.
 

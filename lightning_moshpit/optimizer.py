@@ -39,7 +39,7 @@ from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.p2p import PeerID
 from hivemind.utils import ValueWithExpiration, get_dht_time
 
-from lightning_moshpit.averaging import grid_dimensions, grid_group_bits, key_length, random_group_bits
+from lightning_moshpit.averaging import grid_bucket, grid_group_bits, key_length, random_group_bits
 from lightning_moshpit.consistent_state import consistent
 from lightning_moshpit.guards import ModelSignature, nonfinite_gradients
 from lightning_moshpit.hivemind_logs import PartialRoundCounter, quiet_expected_round_failures
@@ -70,6 +70,9 @@ class AveragingRound:
     #: this peer's averagers logged a partial all-reduce (a member sent nothing) since the previous record: in this
     #: round, or in a background parameter round since. hivemind reports such a round as a success; it is a failure.
     partial: bool = False
+    #: the group this round waited for: the live swarm, or on a grid the live peers of this peer's bucket (0: not
+    #: known, e.g. under delayed parameter updates, which keep hivemind's group assembly)
+    wanted: int = 0
 
 
 #: Key of the ``gather`` payload that marks a final parameter round (see SwarmOptimizer.average_final_state).
@@ -101,6 +104,10 @@ class SwarmProgressTracker(ProgressTracker):
         self.last_fetch_time = time.time()  #: wall-clock time of the last swarm-progress fetch (stale after a pause)
         self.implausible_records = 0  #: progress records ignored because their claims exceed the plausibility bound
         self._warned_implausible: dict[bytes, int] = {}  # peer id -> epoch of the last warning about it
+        #: peer ids of the live swarm as of the last fetch (this peer's included), sorted: the common order of grid
+        #: positions (see SwarmOptimizer._enter_grid_bucket)
+        self.live_peer_ids: list[bytes] = []
+        self._recent: dict[Any, ValueWithExpiration] = {}  # DHT subkey -> the latest record seen (see _remember)
         super().__init__(*args, **kwargs)
 
     def run(self) -> None:
@@ -152,8 +159,32 @@ class SwarmProgressTracker(ProgressTracker):
                         f"{progress.epoch}: it {problem} (target_batch_size={self.target_batch_size})")  # fmt: skip
         return False
 
+    def _remember(self, metadata: Any) -> dict:
+        """Merge a fetch into the records seen recently, and return those that have not expired.
+
+        hivemind's DHT stores the swarm's progress as one dictionary key on ``num_replicas`` (5) nodes; with more
+        peers than replicas a fetch can come back from a node holding only some peers' subkeys, or with nothing
+        (``Found no active peers: None``). Measured with 8 peers on 2 cores: peers that had all reported within the
+        last seconds saw swarms of 1 to 4 peers, skipped rounds as "alone", and booked rounds for a group of 4. A
+        record stays valid until its own expiration (``metadata_expiration`` after its report), so each subkey keeps
+        its latest record (by expiration, i.e. by report time) until then; a goodbye (``None``, stored by a peer that
+        shuts down) replaces it like any newer record.
+        """
+        now = get_dht_time()
+        if isinstance(metadata, dict):
+            for subkey, record in metadata.items():
+                expiration = getattr(record, "expiration_time", None)
+                if not isinstance(expiration, (int, float)):
+                    continue
+                known = self._recent.get(subkey)
+                if known is None or expiration > known.expiration_time:
+                    self._recent[subkey] = record
+        self._recent = {key: record for key, record in self._recent.items() if record.expiration_time > now}
+        return dict(self._recent)
+
     def _parse_swarm_progress_data(self, metadata: Any) -> Any:
         self.last_fetch_time = time.time()
+        metadata = self._remember(metadata)
         own = self.local_progress
         others: list[LocalTrainingProgress] = []
         if isinstance(metadata, dict) and metadata:
@@ -169,6 +200,7 @@ class SwarmProgressTracker(ProgressTracker):
             metadata = {subkey: ValueWithExpiration(p.dict(), float("inf")) for subkey, p in enumerate(others)}
             metadata["self"] = ValueWithExpiration(own.dict(), float("inf"))
         progress = super()._parse_swarm_progress_data(metadata)
+        self.live_peer_ids = sorted({own.peer_id, *(p.peer_id for p in others)})
         self._others = [
             (p.samples_accumulated, p.time, p.samples_per_second) for p in others if p.epoch == progress.epoch
         ]
@@ -240,6 +272,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         self._fruitless_downloads = 0  # state downloads in a row that served nothing (see _count_fruitless_download)
         self._fruitless_since: Optional[float] = None
         self._key_length = 0  # bits in this peer's current grid key (0: the whole swarm is one group)
+        self._round_wanted = 0  # the group size the last booked gradient round waited for (0: not known)
         self._resync_requested = False  # a gradient round showed this peer behind: load the state before the next batch
         self._target_group_size: Optional[int] = None  # what the gradient averager assembles at (see matchmaking.py)
         #: the global step at which the run ends (the strategy's ``max_global_steps``): step() never goes past it
@@ -434,19 +467,31 @@ class SwarmOptimizer(hivemind.Optimizer):
     def _begin_averaging_gradients(self, grad_scaler: Any) -> bool:
         if self.scheduled_grads is None and self.tracker.global_progress.num_peers > 1:
             self.scheduled_grads = self._book_gradient_round()  # what hivemind books here, with the gather
+            if self.scheduled_grads is None:
+                # alone in this step's grid bucket: a local step, as hivemind takes when it cannot start a round
+                if grad_scaler is not None:
+                    with grad_scaler.running_global_step():
+                        assert grad_scaler.unscale_(self)
+                return False
         return super()._begin_averaging_gradients(grad_scaler)
 
-    def _book_gradient_round(self) -> StepControl:
+    def _book_gradient_round(self) -> Optional[StepControl]:
+        """Book this global step's gradient round; None if this peer is alone in its grid bucket this step."""
         gather = {STEP_OF_ROUND: self.local_epoch}
         if self.delay_grad_averaging:
             # with delayed updates hivemind triggers the round from its background step: starting the all-reduce
             # early (below) left members waiting for late parts (soak "DPU, 3 peers": 28 partial all-reduce lines
             # in one run), so DPU keeps hivemind's own group assembly
             return self.grad_averager.schedule_step(gather=gather, timeout=self.averaging_timeout)
-        # the round starts as soon as every live peer joined (lightning_moshpit.matchmaking); the longer window only
-        # runs out when one is missing
+        # the round starts as soon as every live peer (of this peer's grid bucket) joined
+        # (lightning_moshpit.matchmaking); the longer window only runs out when one is missing
+        population = self._enter_grid_bucket()
+        if population == 1:
+            return None  # a grid that is not full leaves some peers without a partner along some dimension
         # an auxiliary peer has no progress record, so the live swarm size leaves it out: it counts itself
-        wanted = max(2, min(self.num_peers + int(self.auxiliary), self.group_size))
+        wanted = max(2, population if population is not None else min(self.num_peers + int(self.auxiliary),
+                                                                        self.group_size))  # fmt: skip
+        self._round_wanted = wanted
         if wanted != self._target_group_size:
             set_target_group_size(self.grad_averager, wanted)
             self._target_group_size = wanted
@@ -456,10 +501,30 @@ class SwarmOptimizer(hivemind.Optimizer):
             scheduled_time=get_dht_time() + window, gather=gather, timeout=self.averaging_timeout
         )
 
+    def _enter_grid_bucket(self) -> Optional[int]:
+        """Put the gradient averager in this global step's bucket; return how many live peers share it.
+
+        The bucket comes from :func:`~lightning_moshpit.averaging.grid_bucket`: this peer's position in the sorted
+        peer ids of the live swarm (the progress records) and the global step, so every peer that sees the same
+        swarm computes the same grid without any history (hivemind's key rotation is overwritten before each
+        round). Off a grid (swarm <= ``group_size``) the key is empty and the population is the swarm. Returns None
+        (and leaves the key alone) for a peer outside the records (an auxiliary peer) and under delayed parameter
+        updates, where the previous round may still be matchmaking with the current key when the next is booked.
+        """
+        peer_ids = getattr(self.tracker, "live_peer_ids", [])
+        me = self.dht.peer_id.to_bytes()
+        if self.delay_grad_averaging or me not in peer_ids:
+            return None
+        bits, population = grid_bucket(peer_ids.index(me), len(peer_ids), self.group_size, self.local_epoch)
+        self.grad_averager.set_group_bits(bits)
+        self._key_length = len(bits)
+        return population
+
     def _widen_matchmaking_window(self, record: AveragingRound) -> None:
         """After a gradient round without every live peer, widen the window to half of ``averaging_timeout``.
 
-        Only while the swarm averages as one group (no grid key): a grid bucket's group size is not known here.
+        "Every live peer" is the round's :attr:`AveragingRound.wanted`: the live swarm, or on a grid the live peers
+        of this peer's bucket.
 
         The floor under ``matchmaking_time`` is how far apart the peers notice the end of a step, which grows with the
         swarm and the machine's load: 8 peers on 2 cores (about 40 processes) lag each other by more than 2 s, and
@@ -468,11 +533,9 @@ class SwarmOptimizer(hivemind.Optimizer):
         complete; it only delays rounds that really miss a peer (a crashed one, until the progress tracker drops it
         after ``averaging_timeout``). So the window follows what the rounds show instead of refusing a setting.
         """
-        if self.delay_grad_averaging or self._key_length:
-            # DPU keeps hivemind's group assembly (no window of ours); on a grid a bucket holds however many peers its
-            # key has, so a smaller group is no missed peer
-            return
-        complete = min(record.swarm_size, self.group_size)
+        if self.delay_grad_averaging:
+            return  # DPU keeps hivemind's group assembly (no window of ours)
+        complete = record.wanted or min(record.swarm_size, self.group_size)
         ceiling = max(2 * self.matchmaking_time, self.averaging_timeout / 2)
         if record.swarm_size > 1 and record.group_size < complete and self.matchmaking_window < ceiling:
             self.matchmaking_window = ceiling
@@ -481,7 +544,21 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     def _maybe_schedule_state_averaging(self) -> None:
         if self.tracker.global_progress.num_peers > 1:
+            self._enter_state_grid_bucket()
             super()._maybe_schedule_state_averaging()
+
+    def _enter_state_grid_bucket(self) -> None:
+        """Put the state averager in the grid bucket of the next parameter round, as for gradient rounds, while it
+        has no round booked or running (a round in matchmaking sends its key with every join request)."""
+        booked = self.scheduled_state
+        if self.state_averager.averaging_in_progress or (booked is not None and not booked.done()):
+            return
+        peer_ids = getattr(self.tracker, "live_peer_ids", [])
+        me = self.dht.peer_id.to_bytes()
+        if me in peer_ids:
+            next_epoch = max(self.local_epoch + 1, self.tracker.global_epoch)
+            bits, _ = grid_bucket(peer_ids.index(me), len(peer_ids), self.group_size, next_epoch)
+            self.state_averager.set_group_bits(bits)
 
     def _average_gradients_and_load_into_optimizer(self, maybe_step_control: Optional[StepControl]) -> None:
         began = time.perf_counter()
@@ -526,6 +603,7 @@ class SwarmOptimizer(hivemind.Optimizer):
             swarm_size=self.num_peers,
             succeeded=group_size > 0 and not partial,
             partial=partial,
+            wanted=self._round_wanted,
             time=time.time(),
             seconds=seconds,
         )
@@ -545,7 +623,8 @@ class SwarmOptimizer(hivemind.Optimizer):
             )
             self._resync_requested = True
         if wanted_length or self._key_length:
-            # the swarm outgrew (or shrank below) the grid, or this peer sat alone in a grid bucket: new bucket
+            # the swarm outgrew (or shrank below) the grid, or this peer sat alone in a grid bucket: new bucket (the
+            # gradient averager's key is set again before its next round, see _enter_grid_bucket)
             self._key_length = wanted_length
             self.set_group_bits(random_group_bits(wanted_length))
 
@@ -615,9 +694,17 @@ class SwarmOptimizer(hivemind.Optimizer):
         Peers reach the last step up to a few seconds apart (a slow process applies its last update later), and a
         final round can match a late peer's ordinary background round. So each final round gathers a
         :data:`FINAL_ROUND` tag, and rounds repeat (for up to ``patience`` seconds) until one holds every live peer
-        (``num_peers``, at most the grid's group size), all tagged: then every member knows that the others stop
-        with the same parameters. Repeating changes nothing else, since the members agree already. Returns the number
-        of tagged members of the last round (0: it failed, 1: this peer was alone).
+        (``num_peers``), all tagged: then every member knows that the others stop with the same parameters.
+        Repeating changes nothing else, since the members agree already. Returns the number of tagged members of
+        the last round (0: it failed, 1: this peer was alone).
+
+        The final rounds are one group of every stopping peer, also on a Moshpit grid (``group_size`` < peers). A
+        grid reaches the exact mean only after one complete round per dimension in every bucket, in step: one
+        failed bucket (a peer a second late) left its members' keys out of phase with the others', the next round's
+        buckets held 3 and 1 peers, and no further round could complete (measured: the 4-peer ``group_size=2`` test
+        ended with final parameters up to 2e-5 apart). One group needs no key agreement; it moves the same bytes
+        per peer as a grid round (hivemind's butterfly all-reduce sends each peer 1/N of the model from each of
+        the N members) and happens once per run.
         """
         self.state_averager.step(wait_for_delayed_updates=True, apply_delayed_updates=True)
         booked, self.scheduled_state = self.scheduled_state, None
@@ -628,19 +715,17 @@ class SwarmOptimizer(hivemind.Optimizer):
         if self.num_peers <= 1:
             return 1
         give_up_at = time.monotonic() + patience
-        # on a grid (group_size < peers), groups move along the next grid dimension after each round (hivemind's
-        # group-key rotation), so d complete rounds in a row reach the swarm's mean, as the Moshpit paper shows
-        complete_rounds_needed = grid_dimensions(self.num_peers, self.group_size)
-        complete_rounds = 0
+        # one bucket for every stopping peer (grid or not), assembled the moment all of them joined
+        self.state_averager.set_group_bits("")
+        set_target_group_size(self.state_averager, self.num_peers).result(timeout)
         while True:
             control = self.state_averager.schedule_step(gather={FINAL_ROUND: self.local_epoch}, timeout=timeout)
             gathered = self._final_round(control, timeout)
             finished = sum(isinstance(v, dict) and v.get(FINAL_ROUND) == self.local_epoch for v in gathered.values())
-            complete_rounds = complete_rounds + 1 if finished >= min(self.num_peers, self.group_size) else 0
-            if complete_rounds >= complete_rounds_needed or time.monotonic() >= give_up_at:
+            if finished >= self.num_peers or time.monotonic() >= give_up_at:
                 return finished
-            log.info(f"Final parameter round: {finished} of {self.num_peers} peer(s) stopping together "
-                     f"({complete_rounds}/{complete_rounds_needed} complete rounds); averaging again")  # fmt: skip
+            log.info(f"Final parameter round: {finished} of {self.num_peers} peer(s) stopping together; "
+                     f"averaging again")  # fmt: skip
 
     def _final_round(self, control: StepControl, timeout: float) -> dict:
         """Run a scheduled parameter round now and apply it; the members' gathered data (empty if it failed)."""

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from lightning_moshpit.averaging import grid_dimensions, grid_group_bits, key_length
+from lightning_moshpit.averaging import grid_bucket, grid_dimensions, grid_group_bits, key_length
 from lightning_moshpit.testing.launch import partial_allreduce_lines, start_module
 
 
@@ -62,3 +62,31 @@ def test_eight_peers_with_group_size_two_reach_exact_mean_in_three_rounds(tmp_pa
         assert report["rounds"][-1]["spread"] == 0.0, report
         # after only two rounds the peer holds the mean of a 4-peer slice, not the global mean
         assert report["rounds"][1]["value"] != pytest.approx(expected_mean, abs=1e-6), report
+
+
+@pytest.mark.parametrize("num_peers,group_size", [(4, 2), (8, 4), (8, 2), (16, 4), (9, 2), (5, 4), (3, 4)])
+def test_grid_buckets_of_consecutive_rounds_reach_the_exact_mean(num_peers: int, group_size: int) -> None:
+    """d rounds of grid_bucket groups (d = grid dimensions) average every peer's value into the exact mean on a full
+    grid; every bucket holds at most group_size peers, and the populations it reports are the real ones."""
+    dims = grid_dimensions(num_peers, group_size)
+    values = [float(index) for index in range(num_peers)]
+    for round_number in range(dims):
+        buckets: dict[str, list[int]] = {}
+        for index in range(num_peers):
+            bits, population = grid_bucket(index, num_peers, group_size, round_number)
+            assert len(bits) == key_length(num_peers, group_size)
+            buckets.setdefault(bits, []).append(index)
+        for members in buckets.values():
+            assert len(members) <= group_size
+            for index in members:
+                assert grid_bucket(index, num_peers, group_size, round_number)[1] == len(members)
+            mean = sum(values[index] for index in members) / len(members)
+            for index in members:
+                values[index] = mean
+    if group_size**dims == num_peers or num_peers <= group_size:
+        assert values == pytest.approx([sum(range(num_peers)) / num_peers] * num_peers)
+
+
+def test_grid_bucket_rejects_a_position_outside_the_swarm() -> None:
+    with pytest.raises(ValueError, match="`index` must be in"):
+        grid_bucket(4, 4, 2, 0)

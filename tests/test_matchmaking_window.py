@@ -7,8 +7,9 @@ from types import SimpleNamespace
 from lightning_moshpit.optimizer import AveragingRound, SwarmOptimizer
 
 
-def _round(group_size: int, swarm_size: int) -> AveragingRound:
-    return AveragingRound(epoch=3, group_size=group_size, swarm_size=swarm_size, succeeded=group_size > 0, time=0.0)
+def _round(group_size: int, swarm_size: int, wanted: int = 0) -> AveragingRound:
+    return AveragingRound(epoch=3, group_size=group_size, swarm_size=swarm_size, succeeded=group_size > 0, time=0.0,
+                          wanted=wanted)  # fmt: skip
 
 
 def _optimizer(matchmaking_time: float = 1.0, averaging_timeout: float = 10.0, group_size: int = 16,
@@ -29,11 +30,16 @@ def test_complete_rounds_keep_the_window_and_an_incomplete_one_widens_it_to_half
     assert optimizer.matchmaking_window == 5.0
 
 
-def test_grid_rounds_never_widen_and_the_window_never_shrinks_below_twice_matchmaking_time() -> None:
-    grid = _optimizer(group_size=4, key_length=2)  # 8 peers in grid buckets: a bucket may hold 2 peers, or 4
-    SwarmOptimizer._widen_matchmaking_window(grid, _round(2, 8))
-    SwarmOptimizer._widen_matchmaking_window(grid, _round(4, 8))
+def test_grid_rounds_widen_only_when_their_bucket_missed_a_peer() -> None:
+    grid = _optimizer(group_size=4, key_length=2)  # 8 peers on a 4 x 2 grid: buckets of 4, then of 2
+    SwarmOptimizer._widen_matchmaking_window(grid, _round(2, 8, wanted=2))
+    SwarmOptimizer._widen_matchmaking_window(grid, _round(4, 8, wanted=4))
     assert grid.matchmaking_window == 2.0
+    SwarmOptimizer._widen_matchmaking_window(grid, _round(3, 8, wanted=4))
+    assert grid.matchmaking_window == 5.0
+
+
+def test_the_window_never_shrinks_below_twice_matchmaking_time() -> None:
     slow = _optimizer(matchmaking_time=4.0, averaging_timeout=6.0)
     SwarmOptimizer._widen_matchmaking_window(slow, _round(2, 3))
     assert slow.matchmaking_window == 8.0  # half the timeout (3 s) is below the initial 8 s window: kept

@@ -13,6 +13,8 @@ in one group (N <= M) gets the empty key, so small swarms do an exact all-reduce
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import random
 from typing import Callable
@@ -95,16 +97,41 @@ def grid_group_bits(index: int, num_peers: int, group_size: int) -> str:
     return "".join(format(coordinate, f"0{nbits}b") for coordinate in coordinates[1:])
 
 
-def grid_bucket(index: int, num_peers: int, group_size: int, round_number: int) -> tuple[str, int]:
-    """The bucket of the peer at grid position ``index`` in the gradient round ``round_number``: (key, population).
+@functools.lru_cache(maxsize=64)
+def grid_sides(num_peers: int, group_size: int) -> tuple[int, ...]:
+    """The sides of the training grid for ``num_peers``: d = ``grid_dimensions`` sides, each at most ``group_size``,
+    whose product is the smallest at least ``num_peers`` (ties: the smaller largest side), largest first.
 
-    Round r groups the peers that share every grid coordinate but ``c_(r mod d)``, so d rounds in a row average
-    along every dimension once, whatever happened before. hivemind's own key rotation (see the module docstring)
-    carries the grid from one round to the next instead: one failed bucket leaves its members' keys out of phase
-    with the others', and the next buckets hold 3 and 1 peers where 2 and 2 were meant. Deriving the key from
-    the round number and a position in the sorted live swarm needs no history. The population is how many peers
-    of a swarm of ``num_peers`` share this bucket: the group a complete round holds (1: this peer is alone in
-    the round, which happens only on a grid that is not full).
+    A full grid (N = M^d) keeps sides of M; otherwise the sides shrink so that few cells stay empty. Base-M
+    positions for 8 peers and M = 4 would fill a 4 x 4 grid's first 2 rows (fine: 4 x 2), but for 17 peers and M = 16
+    they fill one row of 16 and one cell of the next, and 15 of 17 peers would find no partner along the second
+    dimension; sides 6 x 3 (18 cells) leave nobody alone.
+
+    >>> grid_sides(4, 2), grid_sides(8, 4), grid_sides(17, 16), grid_sides(3, 16)
+    ((2, 2), (4, 2), (6, 3), (3,))
+    """
+    dims = grid_dimensions(num_peers, group_size)
+    if dims == 1:
+        return (max(num_peers, 1),)
+    best: tuple[int, ...] = ()
+    for sides in itertools.combinations_with_replacement(range(group_size, 1, -1), dims):
+        product = math.prod(sides)
+        if product >= num_peers and (not best or (product, sides[0]) < (math.prod(best), best[0])):
+            best = sides
+    return best
+
+
+def grid_bucket(index: int, num_peers: int, group_size: int, round_number: int) -> tuple[str, int]:
+    """The bucket of the peer at grid position ``index`` in the averaging round ``round_number``: (key, population).
+
+    Positions fill the grid of :func:`grid_sides` in mixed radix. Round r groups the peers that share every grid
+    coordinate but ``c_(r mod d)``, so d rounds in a row average along every dimension once, whatever happened
+    before; on a full grid that is the exact mean. hivemind's own key rotation (see the module docstring) carries the
+    grid from one round to the next instead: one failed bucket leaves its members' keys out of phase with the
+    others', and a group smaller than M scatters its members over M buckets. Deriving the key from the round number
+    and a position in the sorted live swarm needs no history. The population is how many of the ``num_peers``
+    share this bucket: the group a complete round holds (1: this peer has no partner in this round, which happens
+    only on a grid with empty cells).
 
     >>> [grid_bucket(i, 4, 2, 0) for i in range(4)]
     [('0', 2), ('0', 2), ('1', 2), ('1', 2)]
@@ -116,11 +143,16 @@ def grid_bucket(index: int, num_peers: int, group_size: int, round_number: int) 
     if not 0 <= index < num_peers:
         raise ValueError(f"`index` must be in [0, {num_peers}), got {index}")
     nbits = bits_per_dimension(group_size)
-    dims = grid_dimensions(num_peers, group_size)
-    along = round_number % dims
+    sides = grid_sides(num_peers, group_size)
+    along = round_number % len(sides)
 
     def others(position: int) -> list[int]:
-        return [(position // group_size**dim) % group_size for dim in range(dims) if dim != along]
+        coordinates = []
+        for dim, side in enumerate(sides):
+            if dim != along:
+                coordinates.append(position % side)
+            position //= side
+        return coordinates
 
     mine = others(index)
     population = sum(others(position) == mine for position in range(num_peers))

@@ -468,10 +468,12 @@ class SwarmOptimizer(hivemind.Optimizer):
         if self.scheduled_grads is None and self.tracker.global_progress.num_peers > 1:
             self.scheduled_grads = self._book_gradient_round()  # what hivemind books here, with the gather
             if self.scheduled_grads is None:
-                # alone in this step's grid bucket: a local step, as hivemind takes when it cannot start a round
+                # no partner in this step's grid bucket: a local step on the gradients accumulated over the step (as
+                # hivemind's solo path loads them; returning False alone would step on the last batch's .grad)
                 if grad_scaler is not None:
                     with grad_scaler.running_global_step():
                         assert grad_scaler.unscale_(self)
+                self._load_local_gradients_into_optimizer()
                 return False
         return super()._begin_averaging_gradients(grad_scaler)
 
@@ -549,9 +551,12 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     def _enter_state_grid_bucket(self) -> None:
         """Put the state averager in the grid bucket of the next parameter round, as for gradient rounds, while it
-        has no round booked or running (a round in matchmaking sends its key with every join request)."""
+        has no round booked or running (a round in matchmaking sends its key with every join request). Not under
+        delayed parameter updates, whose state rounds keep hivemind's key rotation."""
         booked = self.scheduled_state
-        if self.state_averager.averaging_in_progress or (booked is not None and not booked.done()):
+        if self.delay_grad_averaging or self.state_averager.averaging_in_progress:
+            return  # under DPU a state round can be matchmaking before hivemind marks it in progress
+        if (booked is not None and not booked.done()) or any(not u.done() for u in self.state_averager.pending_updates):
             return
         peer_ids = getattr(self.tracker, "live_peer_ids", [])
         me = self.dht.peer_id.to_bytes()
@@ -622,9 +627,9 @@ class SwarmOptimizer(hivemind.Optimizer):
                 f"peers are visible; loading the swarm's state before the next batch (see docs/concepts.md)"
             )
             self._resync_requested = True
-        if wanted_length or self._key_length:
-            # the swarm outgrew (or shrank below) the grid, or this peer sat alone in a grid bucket: new bucket (the
-            # gradient averager's key is set again before its next round, see _enter_grid_bucket)
+        if (wanted_length or self._key_length) and (self.delay_grad_averaging or self.auxiliary):
+            # the swarm outgrew (or shrank below) the grid, or this peer sat alone in a grid bucket: new bucket. Only
+            # where hivemind's key rotation still runs; elsewhere each round's key comes from _enter_grid_bucket
             self._key_length = wanted_length
             self.set_group_bits(random_group_bits(wanted_length))
 
@@ -702,7 +707,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         grid reaches the exact mean only after one complete round per dimension in every bucket, in step: one
         failed bucket (a peer a second late) left its members' keys out of phase with the others', the next round's
         buckets held 3 and 1 peers, and no further round could complete (measured: the 4-peer ``group_size=2`` test
-        ended with final parameters up to 2e-5 apart). One group needs no key agreement; it moves the same bytes
+        ended with final parameters up to 2.9e-2 apart). One group needs no key agreement; it moves the same bytes
         per peer as a grid round (hivemind's butterfly all-reduce sends each peer 1/N of the model from each of
         the N members) and happens once per run.
         """
@@ -712,12 +717,14 @@ class SwarmOptimizer(hivemind.Optimizer):
             # the round booked for the next step runs as booked (the others may be matched with it already); it is
             # not a final round, as its gather could not be tagged
             self._final_round(booked, timeout)
-        if self.num_peers <= 1:
+        num_peers = self.num_peers
+        if num_peers <= 1:
             return 1
         give_up_at = time.monotonic() + patience
-        # one bucket for every stopping peer (grid or not), assembled the moment all of them joined
+        # one bucket for every stopping peer (grid or not), assembled the moment all of them joined; the control
+        # pipe is first in, first out, so both settings apply before the round below is scheduled
         self.state_averager.set_group_bits("")
-        set_target_group_size(self.state_averager, self.num_peers).result(timeout)
+        set_target_group_size(self.state_averager, num_peers)
         while True:
             control = self.state_averager.schedule_step(gather={FINAL_ROUND: self.local_epoch}, timeout=timeout)
             gathered = self._final_round(control, timeout)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 
 import pytest
 
-from lightning_moshpit.averaging import grid_bucket, grid_dimensions, grid_group_bits, key_length
+from lightning_moshpit.averaging import grid_bucket, grid_dimensions, grid_group_bits, grid_sides, key_length
 from lightning_moshpit.testing.launch import partial_allreduce_lines, start_module
 
 
@@ -64,13 +65,14 @@ def test_eight_peers_with_group_size_two_reach_exact_mean_in_three_rounds(tmp_pa
         assert report["rounds"][1]["value"] != pytest.approx(expected_mean, abs=1e-6), report
 
 
-@pytest.mark.parametrize("num_peers,group_size", [(4, 2), (8, 4), (8, 2), (16, 4), (9, 2), (5, 4), (3, 4)])
+@pytest.mark.parametrize("num_peers,group_size", [(4, 2), (8, 4), (8, 2), (16, 4), (12, 4), (9, 2), (5, 4), (3, 4)])
 def test_grid_buckets_of_consecutive_rounds_reach_the_exact_mean(num_peers: int, group_size: int) -> None:
-    """d rounds of grid_bucket groups (d = grid dimensions) average every peer's value into the exact mean on a full
-    grid; every bucket holds at most group_size peers, and the populations it reports are the real ones."""
-    dims = grid_dimensions(num_peers, group_size)
+    """d rounds of grid_bucket groups (d = grid dimensions) average every peer's value into the exact mean when the
+    grid has no empty cell; every bucket holds at most group_size peers, and the populations it reports are real."""
+    sides = grid_sides(num_peers, group_size)
+    assert len(sides) == grid_dimensions(num_peers, group_size) and max(sides) <= group_size
     values = [float(index) for index in range(num_peers)]
-    for round_number in range(dims):
+    for round_number in range(len(sides)):
         buckets: dict[str, list[int]] = {}
         for index in range(num_peers):
             bits, population = grid_bucket(index, num_peers, group_size, round_number)
@@ -83,8 +85,16 @@ def test_grid_buckets_of_consecutive_rounds_reach_the_exact_mean(num_peers: int,
             mean = sum(values[index] for index in members) / len(members)
             for index in members:
                 values[index] = mean
-    if group_size**dims == num_peers or num_peers <= group_size:
+    if math.prod(sides) == num_peers:
         assert values == pytest.approx([sum(range(num_peers)) / num_peers] * num_peers)
+
+
+@pytest.mark.parametrize("num_peers,group_size", [(5, 4), (6, 4), (17, 16), (20, 16), (100, 16), (12, 4)])
+def test_grids_with_empty_cells_leave_at_most_one_peer_without_a_partner(num_peers: int, group_size: int) -> None:
+    """Base-M positions would leave 15 of 17 peers alone (M = 16) on every second step; the shrunk sides do not."""
+    for round_number in range(grid_dimensions(num_peers, group_size)):
+        populations = [grid_bucket(i, num_peers, group_size, round_number)[1] for i in range(num_peers)]
+        assert populations.count(1) <= 1, (round_number, populations)
 
 
 def test_grid_bucket_rejects_a_position_outside_the_swarm() -> None:

@@ -12,10 +12,9 @@ def _round(group_size: int, swarm_size: int, wanted: int = 0) -> AveragingRound:
                           wanted=wanted)  # fmt: skip
 
 
-def _optimizer(matchmaking_time: float = 1.0, averaging_timeout: float = 10.0, group_size: int = 16,
-               key_length: int = 0) -> SimpleNamespace:  # fmt: skip
+def _optimizer(matchmaking_time: float = 1.0, averaging_timeout: float = 10.0, group_size: int = 16) -> SimpleNamespace:
     return SimpleNamespace(matchmaking_time=matchmaking_time, averaging_timeout=averaging_timeout,
-                           group_size=group_size, matchmaking_window=2 * matchmaking_time, _key_length=key_length,
+                           group_size=group_size, matchmaking_window=2 * matchmaking_time,
                            delay_grad_averaging=False)  # fmt: skip
 
 
@@ -31,12 +30,20 @@ def test_complete_rounds_keep_the_window_and_an_incomplete_one_widens_it_to_half
 
 
 def test_grid_rounds_widen_only_when_their_bucket_missed_a_peer() -> None:
-    grid = _optimizer(group_size=4, key_length=2)  # 8 peers on a 4 x 2 grid: buckets of 4, then of 2
+    grid = _optimizer(group_size=4)  # 8 peers on a 4 x 2 grid: buckets of 4, then of 2
     SwarmOptimizer._widen_matchmaking_window(grid, _round(2, 8, wanted=2))
     SwarmOptimizer._widen_matchmaking_window(grid, _round(4, 8, wanted=4))
     assert grid.matchmaking_window == 2.0
     SwarmOptimizer._widen_matchmaking_window(grid, _round(3, 8, wanted=4))
     assert grid.matchmaking_window == 5.0
+
+
+def test_a_round_that_does_not_know_its_group_compares_with_the_swarm_up_to_group_size() -> None:
+    optimizer = _optimizer(group_size=4)  # wanted=0: e.g. under delayed parameter updates' own assembly
+    SwarmOptimizer._widen_matchmaking_window(optimizer, _round(4, 8))
+    assert optimizer.matchmaking_window == 2.0
+    SwarmOptimizer._widen_matchmaking_window(optimizer, _round(3, 8))
+    assert optimizer.matchmaking_window == 5.0
 
 
 def test_the_window_never_shrinks_below_twice_matchmaking_time() -> None:

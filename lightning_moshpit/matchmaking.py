@@ -50,10 +50,16 @@ DEFAULT_REGISTRATION_WAIT = 30.0
 
 
 async def _set_target_group_size(self: DecentralizedAverager, size: int, future: MPFuture) -> None:
-    """Runs in the averager process: the group size at which this peer, as a leader, starts the all-reduce."""
+    """Runs in the averager process: the group size at which this peer, as a leader, starts the all-reduce.
+
+    The key manager's ``target_group_size`` only grows: after each round hivemind draws every member a distinct
+    index in ``range(target_group_size)``, and a group larger than that (the final round of a grid, one group of
+    every stopping peer) raised ``ValueError: Sample larger than population`` there, failing the round."""
     try:
         self._matchmaking.target_group_size = size
         self._matchmaking.potential_leaders.target_group_size = size
+        keys = self._matchmaking.group_key_manager
+        keys.target_group_size = max(keys.target_group_size or 0, size)
         future.set_result(None)
     except Exception as error:  # noqa: BLE001 - reported to the caller through the future
         if not future.done():

@@ -273,6 +273,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         self._fruitless_since: Optional[float] = None
         self._key_length = 0  # bits in this peer's current grid key (0: the whole swarm is one group)
         self._round_wanted = 0  # the group size the last booked gradient round waited for (0: not known)
+        self._state_bucket: tuple[int, str] = (-1, "")  # (step, key) last given to the state averager
         self._resync_requested = False  # a gradient round showed this peer behind: load the state before the next batch
         self._target_group_size: Optional[int] = None  # what the gradient averager assembles at (see matchmaking.py)
         #: the global step at which the run ends (the strategy's ``max_global_steps``): step() never goes past it
@@ -518,7 +519,9 @@ class SwarmOptimizer(hivemind.Optimizer):
         if self.delay_grad_averaging or me not in peer_ids:
             return None
         bits, population = grid_bucket(peer_ids.index(me), len(peer_ids), self.group_size, self.local_epoch)
-        self.grad_averager.set_group_bits(bits)
+        # not waiting for the averager's answer: its control pipe is first in, first out, so the key is set before
+        # the round this peer books next
+        self.grad_averager.set_group_bits(bits, wait=False)
         self._key_length = len(bits)
         return population
 
@@ -563,7 +566,11 @@ class SwarmOptimizer(hivemind.Optimizer):
         if me in peer_ids:
             next_epoch = max(self.local_epoch + 1, self.tracker.global_epoch)
             bits, _ = grid_bucket(peer_ids.index(me), len(peer_ids), self.group_size, next_epoch)
-            self.state_averager.set_group_bits(bits)
+            # hivemind calls this after every local batch: tell the averager once per step and swarm view, without
+            # waiting for its answer (the training loop would wait whenever the averager process is busy)
+            if (next_epoch, bits) != self._state_bucket:
+                self._state_bucket = (next_epoch, bits)
+                self.state_averager.set_group_bits(bits, wait=False)
 
     def _average_gradients_and_load_into_optimizer(self, maybe_step_control: Optional[StepControl]) -> None:
         began = time.perf_counter()

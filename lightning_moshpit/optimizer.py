@@ -39,7 +39,7 @@ from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.p2p import PeerID
 from hivemind.utils import ValueWithExpiration, get_dht_time
 
-from lightning_moshpit.averaging import grid_bucket, grid_group_bits, key_length, random_group_bits
+from lightning_moshpit.averaging import grid_bucket, grid_group_bits, key_length, random_group_bits, round_key
 from lightning_moshpit.consistent_state import consistent
 from lightning_moshpit.guards import ModelSignature, nonfinite_gradients
 from lightning_moshpit.hivemind_logs import PartialRoundCounter, quiet_expected_round_failures
@@ -521,7 +521,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         bits, population = grid_bucket(peer_ids.index(me), len(peer_ids), self.group_size, self.local_epoch)
         # not waiting for the averager's answer: its control pipe is first in, first out, so the key is set before
         # the round this peer books next
-        self.grad_averager.set_group_bits(bits, wait=False)
+        self.grad_averager.set_group_bits(round_key(bits, self.local_epoch), wait=False)
         self._key_length = len(bits)
         return population
 
@@ -570,7 +570,7 @@ class SwarmOptimizer(hivemind.Optimizer):
             # waiting for its answer (the training loop would wait whenever the averager process is busy)
             if (next_epoch, bits) != self._state_bucket:
                 self._state_bucket = (next_epoch, bits)
-                self.state_averager.set_group_bits(bits, wait=False)
+                self.state_averager.set_group_bits(round_key(bits, next_epoch), wait=False)
 
     def _average_gradients_and_load_into_optimizer(self, maybe_step_control: Optional[StepControl]) -> None:
         began = time.perf_counter()

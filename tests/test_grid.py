@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from lightning_moshpit.averaging import grid_bucket, grid_dimensions, grid_group_bits, grid_sides, key_length
+from lightning_moshpit.averaging import grid_bucket, grid_dimensions, grid_group_bits, grid_sides, key_length, round_key
 from lightning_moshpit.testing.launch import partial_allreduce_lines, start_module
 
 
@@ -100,3 +100,13 @@ def test_grids_with_empty_cells_leave_at_most_one_peer_without_a_partner(num_pee
 def test_grid_bucket_rejects_a_position_outside_the_swarm() -> None:
     with pytest.raises(ValueError, match="`index` must be in"):
         grid_bucket(4, 4, 2, 0)
+
+
+def test_round_keys_of_consecutive_steps_never_match_on_a_grid() -> None:
+    """A peer up to 3 steps behind never shares a key with a round of another step (4 peers, group_size 2: the
+    bucket bits alone repeat from one step to the next)."""
+    keys = {(step, round_key(grid_bucket(i, 4, 2, step)[0], step)) for step in range(8) for i in range(4)}
+    for step, key in keys:
+        others = {k for s, k in keys if 0 < abs(s - step) < 4}
+        assert key not in others
+    assert round_key("", 3) == ""  # one group off the grid

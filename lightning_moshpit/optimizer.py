@@ -77,6 +77,10 @@ class AveragingRound:
 
 #: Key of the ``gather`` payload that marks a final parameter round (see SwarmOptimizer.average_final_state).
 FINAL_ROUND = "moshpit_final_round"
+#: Weight in a final round of a peer that has not yet been in one with others (see average_final_state): small
+#: enough that a latecomer does not move the agreed parameters (error 1e-6 x the difference), not zero (hivemind
+#: divides by the weights' sum, and a round of latecomers only must still average).
+UNAGREED_WEIGHT = 1e-6
 #: Key of the ``gather`` payload of a gradient round: the global step whose gradients the member sends.
 STEP_OF_ROUND = "moshpit_step"
 
@@ -273,7 +277,6 @@ class SwarmOptimizer(hivemind.Optimizer):
         self._fruitless_since: Optional[float] = None
         self._key_length = 0  # bits in this peer's current grid key (0: the whole swarm is one group)
         self._round_wanted = 0  # the group size the last booked gradient round waited for (0: not known)
-        self._state_bucket: tuple[int, str] = (-1, "")  # (step, key) last given to the state averager
         self._resync_requested = False  # a gradient round showed this peer behind: load the state before the next batch
         self._target_group_size: Optional[int] = None  # what the gradient averager assembles at (see matchmaking.py)
         #: the global step at which the run ends (the strategy's ``max_global_steps``): step() never goes past it
@@ -549,28 +552,7 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     def _maybe_schedule_state_averaging(self) -> None:
         if self.tracker.global_progress.num_peers > 1:
-            self._enter_state_grid_bucket()
             super()._maybe_schedule_state_averaging()
-
-    def _enter_state_grid_bucket(self) -> None:
-        """Put the state averager in the grid bucket of the next parameter round, as for gradient rounds, while it
-        has no round booked or running (a round in matchmaking sends its key with every join request). Not under
-        delayed parameter updates, whose state rounds keep hivemind's key rotation."""
-        booked = self.scheduled_state
-        if self.delay_grad_averaging or self.state_averager.averaging_in_progress:
-            return  # under DPU a state round can be matchmaking before hivemind marks it in progress
-        if (booked is not None and not booked.done()) or any(not u.done() for u in self.state_averager.pending_updates):
-            return
-        peer_ids = getattr(self.tracker, "live_peer_ids", [])
-        me = self.dht.peer_id.to_bytes()
-        if me in peer_ids:
-            next_epoch = max(self.local_epoch + 1, self.tracker.global_epoch)
-            bits, _ = grid_bucket(peer_ids.index(me), len(peer_ids), self.group_size, next_epoch)
-            # hivemind calls this after every local batch: tell the averager once per step and swarm view, without
-            # waiting for its answer (the training loop would wait whenever the averager process is busy)
-            if (next_epoch, bits) != self._state_bucket:
-                self._state_bucket = (next_epoch, bits)
-                self.state_averager.set_group_bits(round_key(bits, next_epoch), wait=False)
 
     def _average_gradients_and_load_into_optimizer(self, maybe_step_control: Optional[StepControl]) -> None:
         began = time.perf_counter()
@@ -634,11 +616,16 @@ class SwarmOptimizer(hivemind.Optimizer):
                 f"peers are visible; loading the swarm's state before the next batch (see docs/concepts.md)"
             )
             self._resync_requested = True
-        if (wanted_length or self._key_length) and (self.delay_grad_averaging or self.auxiliary):
-            # the swarm outgrew (or shrank below) the grid, or this peer sat alone in a grid bucket: new bucket. Only
-            # where hivemind's key rotation still runs; elsewhere each round's key comes from _enter_grid_bucket
+        if wanted_length or self._key_length:
+            # the swarm outgrew (or shrank below) the grid, or this peer sat alone in a grid bucket: new bucket, for the
+            # averagers that keep hivemind's key rotation (the state averager; the gradient averager only under DPU
+            # or on an auxiliary peer: elsewhere each gradient round's key comes from _enter_grid_bucket)
             self._key_length = wanted_length
-            self.set_group_bits(random_group_bits(wanted_length))
+            bits = random_group_bits(wanted_length)
+            if self.delay_grad_averaging or self.auxiliary:
+                self.set_group_bits(bits)
+            else:
+                self.state_averager.set_group_bits(bits)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore optimizer state and the global step (e.g. from a Lightning checkpoint), and tell the swarm."""
@@ -707,8 +694,15 @@ class SwarmOptimizer(hivemind.Optimizer):
         final round can match a late peer's ordinary background round. So each final round gathers a
         :data:`FINAL_ROUND` tag, and rounds repeat (for up to ``patience`` seconds) until one holds every live peer
         (``num_peers``), all tagged: then every member knows that the others stop with the same parameters.
-        Repeating changes nothing else, since the members agree already. Returns the number of tagged members of
-        the last round (0: it failed, 1: this peer was alone).
+        Returns the number of tagged members of the last round (0: it failed, 1: this peer was alone).
+
+        Views of the swarm differ under load: with 8 peers on 2 cores, 7 peers once saw a swarm of 7, finished a
+        round of 7 and left, while one member of that round saw 8 and averaged again with the late eighth peer,
+        which moved it away from the 6 that had left (final parameters 4e-3 apart). So a peer that has been in a
+        final round with others (it holds the state they left with) weighs 1 in the rounds after, and a peer that
+        has not weighs :data:`UNAGREED_WEIGHT`: a latecomer then receives the agreed parameters (within 1e-6 of
+        them relative to the difference) instead of pulling them toward its own, and peers that all start
+        unagreed average with equal weights, as usual.
 
         The final rounds are one group of every stopping peer, also on a Moshpit grid (``group_size`` < peers). A
         grid reaches the exact mean only after one complete round per dimension in every bucket, in step: one
@@ -732,10 +726,15 @@ class SwarmOptimizer(hivemind.Optimizer):
         # pipe is first in, first out, so both settings apply before the round below is scheduled
         self.state_averager.set_group_bits("")
         set_target_group_size(self.state_averager, num_peers)
+        agreed = False  # this peer holds the parameters of a final round with others
         while True:
             control = self.state_averager.schedule_step(gather={FINAL_ROUND: self.local_epoch}, timeout=timeout)
+            # hivemind's state averager takes no weight when scheduling; the control's weight is read when the
+            # all-reduce begins, which needs this peer's trigger (in _final_round)
+            control.weight = 1.0 if agreed else UNAGREED_WEIGHT
             gathered = self._final_round(control, timeout)
             finished = sum(isinstance(v, dict) and v.get(FINAL_ROUND) == self.local_epoch for v in gathered.values())
+            agreed = agreed or finished >= 2
             if finished >= self.num_peers or time.monotonic() >= give_up_at:
                 return finished
             log.info(f"Final parameter round: {finished} of {self.num_peers} peer(s) stopping together; "

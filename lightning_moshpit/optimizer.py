@@ -111,7 +111,6 @@ class SwarmProgressTracker(ProgressTracker):
         #: peer ids of the live swarm as of the last fetch (this peer's included), sorted: the common order of grid
         #: positions (see SwarmOptimizer._enter_grid_bucket)
         self.live_peer_ids: list[bytes] = []
-        self._recent: dict[Any, ValueWithExpiration] = {}  # DHT subkey -> the latest record seen (see _remember)
         super().__init__(*args, **kwargs)
 
     def run(self) -> None:
@@ -163,32 +162,8 @@ class SwarmProgressTracker(ProgressTracker):
                         f"{progress.epoch}: it {problem} (target_batch_size={self.target_batch_size})")  # fmt: skip
         return False
 
-    def _remember(self, metadata: Any) -> dict:
-        """Merge a fetch into the records seen recently, and return those that have not expired.
-
-        hivemind's DHT stores the swarm's progress as one dictionary key on ``num_replicas`` (5) nodes; with more
-        peers than replicas a fetch can come back from a node holding only some peers' subkeys, or with nothing
-        (``Found no active peers: None``). Measured with 8 peers on 2 cores: peers that had all reported within the
-        last seconds saw swarms of 1 to 4 peers, skipped rounds as "alone", and booked rounds for a group of 4. A
-        record stays valid until its own expiration (``metadata_expiration`` after its report), so each subkey keeps
-        its latest record (by expiration, i.e. by report time) until then; a goodbye (``None``, stored by a peer that
-        shuts down) replaces it like any newer record.
-        """
-        now = get_dht_time()
-        if isinstance(metadata, dict):
-            for subkey, record in metadata.items():
-                expiration = getattr(record, "expiration_time", None)
-                if not isinstance(expiration, (int, float)):
-                    continue
-                known = self._recent.get(subkey)
-                if known is None or expiration > known.expiration_time:
-                    self._recent[subkey] = record
-        self._recent = {key: record for key, record in self._recent.items() if record.expiration_time > now}
-        return dict(self._recent)
-
     def _parse_swarm_progress_data(self, metadata: Any) -> Any:
         self.last_fetch_time = time.time()
-        metadata = self._remember(metadata)
         own = self.local_progress
         others: list[LocalTrainingProgress] = []
         if isinstance(metadata, dict) and metadata:

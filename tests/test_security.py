@@ -300,23 +300,6 @@ def test_a_fast_peer_counts_and_adds_at_most_what_is_left_of_the_target() -> Non
     assert tracker.ready_to_update_epoch
 
 
-def test_a_peer_missing_from_one_fetch_counts_until_its_record_expires_and_a_goodbye_removes_it() -> None:
-    """hivemind's DHT keeps the progress key on 5 replicas; with more peers a fetch can miss some peers' subkeys (or
-    return nothing). A record stays valid until its own expiration, so a fetch without it must not shrink the swarm."""
-    tracker = SwarmProgressTracker(_FakeDHT(), "run", target_batch_size=512, max_refresh_period=0.5, start=False)
-    other = PeerID.from_base58("QmVKDAAjZPKtWtjxgEqhaup3qAn6hYBCWkQK7Htvh24Vno")
-    both = {b"b": _progress(PEER_B, 64), b"other": _progress(other, 32)}
-    assert tracker._parse_swarm_progress_data(both).num_peers == 3
-    assert tracker._parse_swarm_progress_data({b"b": _progress(PEER_B, 96)}).num_peers == 3  # a replica without "other"
-    assert tracker._parse_swarm_progress_data(None).num_peers == 3  # a fetch that found nothing
-    assert tracker._parse_swarm_progress_data({}).samples_accumulated == 96 + 32  # the newest record of each peer
-    goodbye = {b"other": ValueWithExpiration(None, get_dht_time() + 31)}  # stored by a peer that shuts down
-    assert tracker._parse_swarm_progress_data(goodbye).num_peers == 2
-    expired = {b"b": ValueWithExpiration(both[b"b"].value, get_dht_time() + 40), b"late": _progress(other, 8)}
-    expired[b"late"] = ValueWithExpiration(expired[b"late"].value, get_dht_time() - 1)
-    assert tracker._parse_swarm_progress_data(expired).num_peers == 2  # PEER_B and this one; "late" had expired
-
-
 def test_a_timed_out_progress_store_is_one_warning_line_and_other_loop_errors_keep_the_default_report(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

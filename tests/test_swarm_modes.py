@@ -46,8 +46,14 @@ def assert_one_model(reports: list[dict], logs: str) -> None:
         gap = max((abs(a - b) for report in reports[1:] for a, b in zip(reports[0][key], report[key])), default=0.0)
         print(f"{key}: max |difference| between peers {gap:.2e}")
         assert gap <= 1e-6, f"{key} differ by {gap:.2e}"
-    for report in reports:
-        assert report["final_round_group_size"] == len(reports), report["final_round_group_size"]
+    # Every peer's last final round held at least one other stopping peer. Not always all of them: a peer that reaches
+    # the end after the others averaged (on 2 cores, seconds later) averages with one peer still in its rounds, which
+    # weighs 1 while the latecomer weighs UNAGREED_WEIGHT, so the latecomer receives the agreed parameters (seen in a
+    # clean-clone run of the 4-peer grid test: one peer's last final round held 2, parameters within 1e-6). The parameter check above
+    # is the promise; this one catches a peer that stopped alone.
+    sizes = [report["final_round_group_size"] for report in reports]
+    print(f"final round sizes: {sizes}")
+    assert all(size is not None and size >= 2 for size in sizes), sizes
 
 
 def full_rounds(reports: list[dict], group: int) -> tuple[int, int]:

@@ -32,13 +32,19 @@ TOPICS = {
     "cooking": "bake boil salt pepper oven pan knife fry sugar flour".split(),
 }
 FILLER = "the a of and it is was very today then".split()
-#: Global steps of 64 texts in the two-peer tests (matchmaking 0.5 s on loopback). The random-init BERT sits on a
-#: plateau at ln 2 before it learns, and the plateau's length varies with the batches drawn. Measured without a swarm
-#: (the same model, data, AdamW at lr 0.01 and schedule, one process with 64-text batches, 16 data orders): the first
-#: update has lr 0 (linear warmup from 0 over 2 steps) and the loss leaves ln 2 after 7 to 11 updates. So 12 global
-#: steps (the old setting) ended on the plateau's edge: the mean of the last 3 steps fell by -0.01 to 0.46 below the
-#: first 3 (issue 16's run: 0.693 -> 0.665). With 20 steps it fell by 0.54 to 0.69 in all 16 orders.
-STEPS = 20
+#: Global steps of 64 texts in the two-peer tests (matchmaking 0.5 s on loopback), and the AdamW learning rate. The
+#: random-init BERT sits on a plateau at ln 2 before it learns, for a number of updates that varies with the batches
+#: drawn and the dropout masks, and at lr 0.01 its loss also spikes now and then. Measured without a swarm by
+#: ``benchmarks/tiny_bert_plateau.py`` (this model, data, schedule and 64-text batches in one process, one run per
+#: data order; "fell" is the test's measure below):
+#:
+#: - lr 0.01, 20 steps (the setting until stop 23): 2 of 100 orders fell by less than FALL (and 13 of 150 with dropout
+#:   off), so the test failed now and then: 2 of about 15 clean-clone runs of stop 23 (loss 0.692 -> 0.681; accuracy
+#:   0.80). Longer does not cure it: at 40 steps, 5 of 150 (one never left the plateau, four spiked at the end).
+#: - lr 0.005, 30 steps: 0 of 250 orders (two runs, 100 + 150); the loss went below 0.6 after 10 to 23 updates, and
+#:   the least fall was 0.47 (``--orders 150 --steps 30 --lr 0.005``: 0 of 150, least 0.472, median 0.667).
+STEPS = 30
+LR = 0.005
 #: Least fall of the loss (median of the first 3 steps minus median of the last 3) in the two-peer tests: from ln 2 = 0.69
 #: to below 0.39. Measured two-peer runs ended at 0.07 to 0.25 (issue 16's notes).
 FALL = 0.3
@@ -99,7 +105,7 @@ def run_two_peers(tmp_path: Path, *extra: str, steps: int = STEPS) -> list[dict]
     result = run_cli(
         ["local", "2", "--run-id", f"hf_{tmp_path.name[-8:]}", "--", sys.executable, str(RECIPE / "train.py"), "fit",
          "--trainer.accelerator=cpu", "--trainer.precision=32-true", f"--model.model_name_or_path={tmp_path / 'bert'}",
-         "--model.lr=0.01", "--model.warmup_steps=2", "--model.total_steps=100",
+         f"--model.lr={LR}", "--model.warmup_steps=2", "--model.total_steps=100",
          f"--data.train_file={tmp_path / 'train.csv'}", f"--data.val_file={tmp_path / 'test.csv'}",
          "--data.batch_size=16", "--data.max_length=16", "--trainer.strategy.init_args.target_batch_size=64",
          "--trainer.strategy.init_args.matchmaking_time=0.5", "--trainer.strategy.init_args.averaging_timeout=5.0",
@@ -107,6 +113,8 @@ def run_two_peers(tmp_path: Path, *extra: str, steps: int = STEPS) -> list[dict]
          f"--report={tmp_path / 'report{peer}.json'}", *extra],
         timeout=120, cwd=tmp_path,
     )  # fmt: skip
+    # the peers' whole output stays beside the histories, for a failure that shows only in the reports
+    (tmp_path / "peers.log").write_text(result.stdout)
     assert result.returncode == 0, result.stdout[-6000:]
     assert "held-out accuracy before fine-tuning" in result.stdout
     reports = []

@@ -10,15 +10,59 @@ downloader then holds a state that no peer has, and stays that far from the swar
 ``get_current_state()`` mutually exclusive. A download that arrives during a step waits for it (at most one averaging
 round). With delayed parameter updates the optimizer step runs later in hivemind's background executor, outside this
 lock: waiting for it there would deadlock ``step(wait_for_delayed_updates=True)``, so that mode keeps hivemind's race.
+
+It also refuses to apply a parameter round that mixed global steps. hivemind's state rounds gather each member's
+global step but average whatever parameters the members bring. A peer that was paused (SIGSTOP, a closed laptop lid)
+resumes with the round it had started before the pause; that round then matched the others' current round, and
+every member received an average that pulled a third of the way back to the paused peer's parameters of 5-6 steps
+before. The others applied it at their next batch; the paused peer loaded the swarm's state at about the same time,
+from a peer that had not yet applied it, and so ended 1.08e-2 away from them (``tests/scenarios/test_pause.py`` in a
+clean-clone run: the paused peer's parameters were exactly the swarm's at global step 9, 1.08e-2 away at step 10).
+So a round whose members gathered different global steps is discarded by every member: each keeps its own
+parameters, which are the swarm's for the members in step, and the one behind loads the swarm's state anyway. A
+failed round is not applied either: hivemind copies the averaging buffers back even then, and after a partial
+all-reduce they hold a partial average. With delayed parameter updates (``reuse_tensors``) the round writes into the
+parameters directly and none of this applies.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 from typing import Any, Optional
 
+from hivemind.averaging.control import StepControl
 from hivemind.optim.state_averager import TrainingStateAverager
+
+log = logging.getLogger(__name__)
+
+#: Key of the ``gather`` payload that marks a final parameter round (see ``SwarmOptimizer.average_final_state``).
+FINAL_ROUND = "moshpit_final_round"
+
+
+def gathered_steps(gathered: dict) -> set[int]:
+    """The global steps that the members of a parameter round gathered: hivemind's state rounds gather the step
+    itself, our final rounds ``{FINAL_ROUND: step}``; anything else (no step known) is left out."""
+    steps = set()
+    for value in gathered.values():
+        if isinstance(value, dict):
+            value = value.get(FINAL_ROUND)
+        if isinstance(value, int) and not isinstance(value, bool):
+            steps.add(value)
+    return steps
+
+
+def round_outcome(control: Optional[StepControl]) -> Optional[str]:
+    """Why the parameter round behind ``control`` must not be applied, or None if it may."""
+    if control is None:
+        return None  # not a round this averager ran (nothing to check)
+    if not control.done() or control.cancelled() or control.exception() is not None:
+        return "it failed"
+    steps = gathered_steps(control.result())
+    if len(steps) > 1:
+        return f"its members were at different global steps ({', '.join(map(str, sorted(steps)))})"
+    return None
 
 
 class ConsistentStateMixin(TrainingStateAverager):
@@ -43,6 +87,30 @@ class ConsistentStateMixin(TrainingStateAverager):
     def get_current_state(self) -> Any:
         with self._state_lock:
             return super().get_current_state()
+
+    def _do(self, wait_for_trigger: Any, optimizer_step: bool, zero_grad: bool, averaging_round: bool,
+            averaging_control: Optional[StepControl], *args: Any, timeout: Optional[float] = None,
+            **kwargs: Any) -> Any:  # fmt: skip
+        # hivemind's _do makes the round's control itself when none (or a used one) is given, and keeps it to itself;
+        # make it here the same way (its `super().step` is the averager's step after TrainingStateAverager in this
+        # class's MRO, e.g. the private averager's), so that _apply_averaging_results_ can read what was gathered
+        if averaging_round:
+            if averaging_control is None or averaging_control.triggered or averaging_control.done():
+                averaging_control = super(TrainingStateAverager, self).step(
+                    gather=self.local_epoch, require_trigger=True, timeout=timeout, wait=False, **kwargs
+                )
+            self._state_round = averaging_control
+        return super()._do(wait_for_trigger, optimizer_step, zero_grad, averaging_round, averaging_control, *args,
+                           timeout=timeout, **kwargs)  # fmt: skip
+
+    def _apply_averaging_results_(self) -> None:
+        # the latest round's control: a newer round than the one that finished may already be loading the buffers,
+        # which then hold no finished average, so "not done" reads as failed
+        reason = round_outcome(getattr(self, "_state_round", None))
+        if reason is not None:
+            log.warning(f"Not applying a parameter round: {reason}; keeping this peer's parameters")
+            return
+        super()._apply_averaging_results_()
 
 
 @functools.cache

@@ -40,7 +40,7 @@ from hivemind.p2p import PeerID
 from hivemind.utils import ValueWithExpiration, get_dht_time
 
 from lightning_moshpit.averaging import grid_bucket, grid_group_bits, key_length, random_group_bits, round_key
-from lightning_moshpit.consistent_state import consistent
+from lightning_moshpit.consistent_state import FINAL_ROUND, consistent
 from lightning_moshpit.guards import ModelSignature, nonfinite_gradients
 from lightning_moshpit.hivemind_logs import PartialRoundCounter, quiet_expected_round_failures
 from lightning_moshpit.matchmaking import set_target_group_size
@@ -75,8 +75,6 @@ class AveragingRound:
     wanted: int = 0
 
 
-#: Key of the ``gather`` payload that marks a final parameter round (see SwarmOptimizer.average_final_state).
-FINAL_ROUND = "moshpit_final_round"
 #: Weight in a final round of a peer that has not yet been in one with others (see average_final_state): small
 #: enough that a latecomer does not move the agreed parameters (error 1e-6 x the difference), not zero (hivemind
 #: divides by the weights' sum, and a round of latecomers only must still average).

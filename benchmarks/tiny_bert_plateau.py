@@ -33,7 +33,11 @@ sys.path.insert(0, str(REPO / "tests" / "recipes"))
 
 def train_one_order(folder: Path, examples: list[dict], order: int, steps: int, lr: float) -> list[float]:
     """Losses of ``steps`` AdamW updates (the recipe's settings, warm-up 2 and decay over 100 steps) in one order."""
-    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, get_linear_schedule_with_warmup
+    from transformers import (
+        AutoModelForSequenceClassification,
+        DataCollatorWithPadding,
+        get_linear_schedule_with_warmup,
+    )
 
     with torch.random.fork_rng():
         torch.manual_seed(0)  # the test's saved model, as every peer loads it

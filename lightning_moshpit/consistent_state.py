@@ -71,6 +71,7 @@ class ConsistentStateMixin(TrainingStateAverager):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # before super().__init__: it starts the thread that serves get_current_state
         self._state_lock = threading.RLock()
+        self._state_round: Optional[StepControl] = None  # the control of the latest parameter round (see _do)
         super().__init__(*args, **kwargs)
 
     @classmethod
@@ -106,7 +107,7 @@ class ConsistentStateMixin(TrainingStateAverager):
     def _apply_averaging_results_(self) -> None:
         # the latest round's control: a newer round than the one that finished may already be loading the buffers,
         # which then hold no finished average, so "not done" reads as failed
-        reason = round_outcome(getattr(self, "_state_round", None))
+        reason = round_outcome(self._state_round)
         if reason is not None:
             log.warning(f"Not applying a parameter round: {reason}; keeping this peer's parameters")
             return

@@ -12,6 +12,7 @@ runs, and the test then reports itself skipped with the reason.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -21,7 +22,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import pytest
 from cli_helpers import PEER, REPO, CliProcess, run_cli
@@ -31,7 +32,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
 #: ``MOSHPIT_UPDATE_SCREENSHOT=1 pytest tests/test_live_swarm.py`` refreshes the picture docs/cli.md shows.
 SCREENSHOT = REPO / "docs" / "figures" / "dashboard.png"
-LOCAL_STEPS = 60
+LOCAL_STEPS = 100
 SETTINGS = ["--matchmaking-time", "1.0", "--averaging-timeout", "10"]
 MODEL = "lightning_moshpit.testing.peer:TinyClassifier"
 CHECKPOINT_EVERY = 5
@@ -52,8 +53,17 @@ def _browser_unavailable() -> Optional[str]:
     return None
 
 
-def _check_dashboard(url: str, address: str, run_id: str, screenshot: Path) -> None:
-    """Load the page; the peer table, both plots and the join command are there, and the global step advances."""
+@contextlib.contextmanager
+def _dashboard_page(url: str, skip_browser: Optional[str]) -> Iterator[Any]:
+    """The dashboard open in headless Chromium (``None`` where the browser is unavailable), closed on exit.
+
+    The page is opened before the trainers start, so the swarm is bound to take global steps while it is open: the
+    check that the page updates itself cannot race with the end of training (it did in CI, when loading the page
+    took long enough on a busy machine that the 15-step swarm had finished by then).
+    """
+    if skip_browser is not None:
+        yield None
+        return
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -61,23 +71,28 @@ def _check_dashboard(url: str, address: str, run_id: str, screenshot: Path) -> N
         try:
             page = browser.new_page(viewport={"width": 1250, "height": 900})
             page.goto(url, wait_until="load", timeout=30_000)
-            page.wait_for_function("document.querySelectorAll('#peers tbody tr').length === 3", timeout=30_000)
-            page.wait_for_selector("#step-plot .main-svg", timeout=30_000)
-            page.wait_for_selector("#loss-plot .main-svg", timeout=30_000)
-            first_step = int(page.inner_text("#global-step"))
-            page.wait_for_function(f"Number(document.getElementById('global-step').textContent) > {first_step}",
-                                   timeout=60_000)  # fmt: skip
-            join = page.inner_text("#join-command")
-            assert join == f"MOSHPIT_RUN_ID={run_id} MOSHPIT_INITIAL_PEERS={address} python train.py", join
-            roles = sorted(page.locator("#peers tbody tr td:nth-child(2)").all_inner_texts())
-            assert roles == ["aux", "trainer", "trainer"], f"dashboard roles: {roles}"
-            assert float(page.inner_text("#loss")) > 0
-            points = page.evaluate("document.getElementById('loss-plot').data[0].y.filter(v => v !== null).length")
-            assert points >= 2, f"loss plot has {points} point(s)"
-            assert page.evaluate("typeof window.Plotly") == "object", "plotly.js must be served locally (no CDN)"
-            page.screenshot(path=str(screenshot), full_page=True)
+            yield page
         finally:
             browser.close()
+
+
+def _check_dashboard(page: Any, step_before_training: str, address: str, run_id: str, screenshot: Path) -> None:
+    """Without a reload, the page shows both trainers and the aux peer, both plots, the join command, and a global
+    step past the one it showed before the trainers started."""
+    assert step_before_training in ("-", "0"), f"dashboard showed global step {step_before_training} before training"
+    page.wait_for_function("document.querySelectorAll('#peers tbody tr').length === 3", timeout=60_000)
+    page.wait_for_selector("#step-plot .main-svg", timeout=30_000)
+    page.wait_for_selector("#loss-plot .main-svg", timeout=30_000)
+    page.wait_for_function("Number(document.getElementById('global-step').textContent) >= 1", timeout=60_000)
+    join = page.inner_text("#join-command")
+    assert join == f"MOSHPIT_RUN_ID={run_id} MOSHPIT_INITIAL_PEERS={address} python train.py", join
+    roles = sorted(page.locator("#peers tbody tr td:nth-child(2)").all_inner_texts())
+    assert roles == ["aux", "trainer", "trainer"], f"dashboard roles: {roles}"
+    assert float(page.inner_text("#loss")) > 0
+    points = page.evaluate("document.getElementById('loss-plot').data[0].y.filter(v => v !== null).length")
+    assert points >= 2, f"loss plot has {points} point(s)"
+    assert page.evaluate("typeof window.Plotly") == "object", "plotly.js must be served locally (no CDN)"
+    page.screenshot(path=str(screenshot), full_page=True)
 
 
 def _wait_for_status(address: str, run_id: str, swarm: CliProcess) -> str:
@@ -160,16 +175,19 @@ def test_bootstrap_monitor_aux_local_status_and_dashboard_on_one_live_swarm(run_
         address = bootstrap.wait_for_line(r"^MOSHPIT_INITIAL_PEERS=(\S+)$", timeout=10).group(1)
         aux_args = ["aux", "--run-id", run_id, "--initial-peers", address, "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
                     "--model", MODEL, *SETTINGS]  # fmt: skip
-        with CliProcess(aux_args, **env) as aux:
+        with CliProcess(aux_args, **env) as aux, contextlib.ExitStack() as stack:
             aux.wait_for_line(r"auxiliary peer for run_id=", timeout=60)
+            dashboard = stack.enter_context(_dashboard_page(url, skip_browser))
+            step_before_training = "-" if dashboard is None else dashboard.inner_text("#global-step")
             peer_args = ["--out", "peer{peer}.json", "--max-steps", str(LOCAL_STEPS), "--batch-size", "16",
                          "--compute-seconds", "0.1", *SETTINGS]  # fmt: skip
             local_args = ["local", "2", "--run-id", run_id, "--initial-peers", address, "--", sys.executable, *PEER]
             with CliProcess([*local_args, *peer_args], cwd=tmp_path, **env) as swarm:
                 status = _wait_for_status(address, run_id, swarm)
                 print(status)
-                if skip_browser is None:
-                    _check_dashboard(url, address, run_id, tmp_path / "dashboard.png")
+                if dashboard is not None:
+                    _check_dashboard(dashboard, step_before_training, address, run_id, tmp_path / "dashboard.png")
+                    stack.close()  # close the browser now: it would compete with the last steps for the 2 cores
                     if os.environ.get("MOSHPIT_UPDATE_SCREENSHOT"):  # refresh the docs' picture on purpose only
                         SCREENSHOT.write_bytes((tmp_path / "dashboard.png").read_bytes())
                 code = swarm.wait(240)

@@ -23,6 +23,15 @@ parameters, which are the swarm's for the members in step, and the one behind lo
 failed round is not applied either: hivemind copies the averaging buffers back even then, and after a partial
 all-reduce they hold a partial average. With delayed parameter updates (``reuse_tensors``) the round writes into the
 parameters directly and none of this applies.
+
+Last, it bounds how long a parameter round looks for its group (:attr:`ConsistentStateMixin.matchmaking_timeout`).
+hivemind runs the round in the state averager's one background thread, after the optimizer step, and lets it search
+until the round's whole timeout (``averaging_timeout``). The *next* optimizer step queues behind it in that thread, so
+a round whose partner never came held the peer's next step, and with it the next gradient round, for that long. Seen
+in a clean-clone run of the 4-peer ``group_size=2`` test: one peer's parameter round of step 2 found no group and
+failed after 10 s; the peer's step 2 waited for it, so it missed the gradient round of step 3 (its grid partner
+failed too), found itself a step behind and reloaded the swarm's state. Nothing is lost by giving up sooner: a missed
+parameter round is made up by the next one.
 """
 
 from __future__ import annotations
@@ -65,14 +74,31 @@ def round_outcome(control: Optional[StepControl]) -> Optional[str]:
     return None
 
 
+def search_timeout(gather: Any, timeout: Optional[float], bound: Optional[float]) -> Optional[float]:
+    """The timeout to book a parameter round with: ``timeout`` capped at ``bound`` (None: no cap) for a round of a
+    global step (its ``gather`` is the step); other rounds (final rounds gather a tag) keep ``timeout``."""
+    if bound is None or not isinstance(gather, int) or isinstance(gather, bool):
+        return timeout
+    return bound if timeout is None else min(timeout, bound)
+
+
 class ConsistentStateMixin(TrainingStateAverager):
     """Put it first in the bases: ``class X(ConsistentStateMixin, TrainingStateAverager)``."""
+
+    #: Seconds a parameter round of a global step looks for its group before it fails (None: its whole timeout, as in
+    #: hivemind). The owner sets it: ``SwarmOptimizer`` to ``matchmaking_time`` plus its matchmaking window, how far
+    #: apart peers start the same round. It bounds the search only; the all-reduce keeps its own timeout.
+    matchmaking_timeout: Optional[float] = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # before super().__init__: it starts the thread that serves get_current_state
         self._state_lock = threading.RLock()
         self._state_round: Optional[StepControl] = None  # the control of the latest parameter round (see _do)
         super().__init__(*args, **kwargs)
+
+    def schedule_step(self, scheduled_time: Optional[float] = None, **kwargs: Any) -> StepControl:
+        kwargs["timeout"] = search_timeout(kwargs.get("gather"), kwargs.get("timeout"), self.matchmaking_timeout)
+        return super().schedule_step(scheduled_time, **kwargs)
 
     @classmethod
     def _get_handle_name(cls, namespace: Optional[str], method_name: str) -> str:
@@ -97,9 +123,11 @@ class ConsistentStateMixin(TrainingStateAverager):
         # class's MRO, e.g. the private averager's), so that _apply_averaging_results_ can read what was gathered
         if averaging_round:
             if averaging_control is None or averaging_control.triggered or averaging_control.done():
+                # the control gets the bounded search; the wait for its result (in super()._do) keeps the whole timeout
                 averaging_control = super(TrainingStateAverager, self).step(
-                    gather=self.local_epoch, require_trigger=True, timeout=timeout, wait=False, **kwargs
-                )
+                    gather=self.local_epoch, require_trigger=True, wait=False,
+                    timeout=search_timeout(self.local_epoch, timeout, self.matchmaking_timeout), **kwargs,
+                )  # fmt: skip
             self._state_round = averaging_control
         return super()._do(wait_for_trigger, optimizer_step, zero_grad, averaging_round, averaging_control, *args,
                            timeout=timeout, **kwargs)  # fmt: skip

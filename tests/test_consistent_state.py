@@ -1,6 +1,7 @@
-"""Which parameter rounds a state averager applies (``lightning_moshpit.consistent_state.round_outcome``): pure logic
-on hivemind's ``StepControl``; the paused-peer scenario that needed it runs with real peers in
-``tests/scenarios/test_pause.py``."""
+"""Which parameter rounds a state averager applies (``lightning_moshpit.consistent_state.round_outcome``) and how long
+one looks for its group (``search_timeout``): pure logic on hivemind's ``StepControl``. The paused-peer scenario that
+needed the first runs with real peers in ``tests/scenarios/test_pause.py``, the 4-peer grid that needed the second in
+``tests/test_swarm_modes.py``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 from hivemind.p2p import PeerID
 
-from lightning_moshpit.consistent_state import FINAL_ROUND, gathered_steps, round_outcome
+from lightning_moshpit.consistent_state import FINAL_ROUND, gathered_steps, round_outcome, search_timeout
 
 PEERS = [PeerID(f"peer{i}".encode()) for i in range(3)]
 
@@ -50,3 +51,15 @@ def test_no_control_means_nothing_to_check() -> None:
 def test_gathered_steps_reads_plain_steps_and_final_round_tags_only() -> None:
     assert gathered_steps({PEERS[0]: 3, PEERS[1]: {FINAL_ROUND: 5}, PEERS[2]: "other"}) == {3, 5}
     assert gathered_steps({PEERS[0]: True, PEERS[1]: None}) == set()
+
+
+def test_a_round_of_a_global_step_searches_at_most_the_bound() -> None:
+    assert search_timeout(7, 10.0, 3.0) == 3.0
+    assert search_timeout(7, 2.0, 3.0) == 2.0  # a shorter timeout stays
+    assert search_timeout(7, None, 3.0) == 3.0
+    assert search_timeout(7, 10.0, None) == 10.0  # no bound set: hivemind's timeout
+
+
+def test_a_final_round_keeps_its_timeout() -> None:
+    assert search_timeout({FINAL_ROUND: 16}, 30.0, 3.0) == 30.0
+    assert search_timeout(True, 30.0, 3.0) == 30.0  # a bool is not a step

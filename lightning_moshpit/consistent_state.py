@@ -24,7 +24,7 @@ failed round is not applied either: hivemind copies the averaging buffers back e
 all-reduce they hold a partial average. With delayed parameter updates (``reuse_tensors``) the round writes into the
 parameters directly and none of this applies.
 
-Last, it bounds how long a parameter round looks for its group (:attr:`ConsistentStateMixin.matchmaking_timeout`).
+Last, it bounds how long a parameter round looks for its group (:attr:`ConsistentStateMixin.search_bound`).
 hivemind runs the round in the state averager's one background thread, after the optimizer step, and lets it search
 until the round's whole timeout (``averaging_timeout``). The *next* optimizer step queues behind it in that thread, so
 a round whose partner never came held the peer's next step, and with it the next gradient round, for that long. Seen
@@ -39,7 +39,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from hivemind.averaging.control import StepControl
 from hivemind.optim.state_averager import TrainingStateAverager
@@ -85,10 +85,11 @@ def search_timeout(gather: Any, timeout: Optional[float], bound: Optional[float]
 class ConsistentStateMixin(TrainingStateAverager):
     """Put it first in the bases: ``class X(ConsistentStateMixin, TrainingStateAverager)``."""
 
-    #: Seconds a parameter round of a global step looks for its group before it fails (None: its whole timeout, as in
-    #: hivemind). The owner sets it: ``SwarmOptimizer`` to ``matchmaking_time`` plus its matchmaking window, how far
-    #: apart peers start the same round. It bounds the search only; the all-reduce keeps its own timeout.
-    matchmaking_timeout: Optional[float] = None
+    #: Seconds a parameter round of a global step may look for its group before it fails, read when the round is
+    #: booked (None: its whole timeout, as in hivemind). ``SwarmOptimizer`` gives its
+    #: ``parameter_round_search_seconds``: ``matchmaking_time`` plus its matchmaking window, how far apart peers start
+    #: the same round. It bounds the search only; the all-reduce keeps its own timeout.
+    search_bound: Optional[Callable[[], float]] = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # before super().__init__: it starts the thread that serves get_current_state
@@ -96,8 +97,11 @@ class ConsistentStateMixin(TrainingStateAverager):
         self._state_round: Optional[StepControl] = None  # the control of the latest parameter round (see _do)
         super().__init__(*args, **kwargs)
 
+    def _search_bound(self) -> Optional[float]:
+        return None if self.search_bound is None else self.search_bound()
+
     def schedule_step(self, scheduled_time: Optional[float] = None, **kwargs: Any) -> StepControl:
-        kwargs["timeout"] = search_timeout(kwargs.get("gather"), kwargs.get("timeout"), self.matchmaking_timeout)
+        kwargs["timeout"] = search_timeout(kwargs.get("gather"), kwargs.get("timeout"), self._search_bound())
         return super().schedule_step(scheduled_time, **kwargs)
 
     @classmethod
@@ -126,7 +130,7 @@ class ConsistentStateMixin(TrainingStateAverager):
                 # the control gets the bounded search; the wait for its result (in super()._do) keeps the whole timeout
                 averaging_control = super(TrainingStateAverager, self).step(
                     gather=self.local_epoch, require_trigger=True, wait=False,
-                    timeout=search_timeout(self.local_epoch, timeout, self.matchmaking_timeout), **kwargs,
+                    timeout=search_timeout(self.local_epoch, timeout, self._search_bound()), **kwargs,
                 )  # fmt: skip
             self._state_round = averaging_control
         return super()._do(wait_for_trigger, optimizer_step, zero_grad, averaging_round, averaging_control, *args,

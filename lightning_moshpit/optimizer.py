@@ -264,7 +264,8 @@ class SwarmOptimizer(hivemind.Optimizer):
         #: seconds a gradient round waits for the live swarm to join before it starts without the missing peers (see
         #: :meth:`_widen_matchmaking_window`); starts at 2 x matchmaking_time
         self.matchmaking_window = 2 * self.matchmaking_time
-        self._bound_parameter_round_search()
+        if isinstance(self.state_averager, ConsistentStateMixin):
+            self.state_averager.search_bound = lambda: self.parameter_round_search_seconds
 
     def _make_progress_tracker(self, target_batch_size: int, **kwargs: Any) -> ProgressTracker:
         return SwarmProgressTracker(
@@ -521,16 +522,14 @@ class SwarmOptimizer(hivemind.Optimizer):
         ceiling = max(2 * self.matchmaking_time, self.averaging_timeout / 2)
         if record.swarm_size > 1 and record.group_size < complete and self.matchmaking_window < ceiling:
             self.matchmaking_window = ceiling
-            self._bound_parameter_round_search()
             log.warning(f"A gradient round held {record.group_size} of {complete} peers; waiting up to "
                         f"{self.matchmaking_window:.1f} s for late peers from now on")  # fmt: skip
 
-    def _bound_parameter_round_search(self) -> None:
-        """A parameter round looks for its group as long as a gradient round waits for late peers, plus the
-        matchmaking time, not the whole ``averaging_timeout`` (see :mod:`lightning_moshpit.consistent_state`)."""
-        if isinstance(self.state_averager, ConsistentStateMixin):
-            self.state_averager.matchmaking_timeout = min(self.averaging_timeout,
-                                                          self.matchmaking_time + self.matchmaking_window)  # fmt: skip
+    @property
+    def parameter_round_search_seconds(self) -> float:
+        """How long a parameter round looks for its group: as long as a gradient round waits for late peers, plus
+        the matchmaking time, not the whole ``averaging_timeout`` (see :mod:`lightning_moshpit.consistent_state`)."""
+        return min(self.averaging_timeout, self.matchmaking_time + self.matchmaking_window)
 
     def _maybe_schedule_state_averaging(self) -> None:
         if self.tracker.global_progress.num_peers > 1:

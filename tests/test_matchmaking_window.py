@@ -1,4 +1,5 @@
-"""The gradient round's matchmaking window widens after a round that missed a live peer (pure logic, no swarm)."""
+"""The gradient round's matchmaking window widens after a round that missed a live peer, and the parameter rounds'
+search follows it (pure logic, no swarm)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,10 @@ def test_complete_rounds_keep_the_window_and_an_incomplete_one_widens_it_to_half
     SwarmOptimizer._widen_matchmaking_window(optimizer, _round(8, 8))
     SwarmOptimizer._widen_matchmaking_window(optimizer, _round(1, 1))  # alone: nothing to wait for
     assert optimizer.matchmaking_window == 2.0
+    assert SwarmOptimizer.parameter_round_search_seconds.fget(optimizer) == 3.0  # matchmaking_time + window
     SwarmOptimizer._widen_matchmaking_window(optimizer, _round(5, 8))
     assert optimizer.matchmaking_window == 5.0
+    assert SwarmOptimizer.parameter_round_search_seconds.fget(optimizer) == 6.0  # parameter rounds follow the window
     SwarmOptimizer._widen_matchmaking_window(optimizer, _round(0, 8))  # a failed round: already at the ceiling
     assert optimizer.matchmaking_window == 5.0
 
@@ -50,3 +53,4 @@ def test_the_window_never_shrinks_below_twice_matchmaking_time() -> None:
     slow = _optimizer(matchmaking_time=4.0, averaging_timeout=6.0)
     SwarmOptimizer._widen_matchmaking_window(slow, _round(2, 3))
     assert slow.matchmaking_window == 8.0  # half the timeout (3 s) is below the initial 8 s window: kept
+    assert SwarmOptimizer.parameter_round_search_seconds.fget(slow) == 6.0  # never past averaging_timeout

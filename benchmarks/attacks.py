@@ -38,7 +38,7 @@ import torch
 from lightning_moshpit.clipping import centered_clip
 from lightning_moshpit.reducers import ClipConfig
 from lightning_moshpit.testing.attacks import ATTACKS
-from lightning_moshpit.testing.launch import LocalSwarm
+from lightning_moshpit.testing.launch import LocalSwarm, stop_swarms_on_sigterm
 
 TABLE_MARKERS = ("<!-- attack-table:start -->", "<!-- attack-table:end -->")
 OVERHEAD_MARKERS = ("<!-- attack-overhead:start -->", "<!-- attack-overhead:end -->")
@@ -244,6 +244,7 @@ def load(path: Path, settings: dict, fresh: bool) -> dict:
 
 
 def main() -> None:
+    stop_swarms_on_sigterm()  # a killed run stops its peers too
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS,
                         help="'none' is the attack-free swarm")  # fmt: skip

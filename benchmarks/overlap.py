@@ -18,7 +18,7 @@ import time
 import uuid
 from pathlib import Path
 
-from lightning_moshpit.testing.launch import LocalSwarm
+from lightning_moshpit.testing.launch import LocalSwarm, stop_swarms_on_sigterm
 
 
 def training_seconds(report: dict) -> float:
@@ -39,6 +39,7 @@ def run(workdir: Path, peers: int, args: list[str], solo: bool, target: int, tim
 
 
 def main() -> None:
+    stop_swarms_on_sigterm()  # a killed run stops its peers too
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peers", type=int, default=2)
     parser.add_argument(

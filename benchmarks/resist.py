@@ -31,7 +31,7 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
 
-from lightning_moshpit.testing.launch import LocalSwarm
+from lightning_moshpit.testing.launch import LocalSwarm, stop_swarms_on_sigterm
 
 TABLE_BEGIN, TABLE_END = "<!-- resist-benchmark:begin -->", "<!-- resist-benchmark:end -->"
 PEER = "lightning_moshpit.testing.resist_peer"
@@ -101,6 +101,7 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
+    stop_swarms_on_sigterm()  # a killed run stops its peers too
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peers", type=int, default=4)
     parser.add_argument("--subnets", type=int, default=4, help="S for ResIST and IST")

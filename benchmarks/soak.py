@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from lightning_moshpit.averaging import grid_bucket
-from lightning_moshpit.testing.launch import LocalSwarm, partial_allreduce_lines
+from lightning_moshpit.testing.launch import LocalSwarm, partial_allreduce_lines, stop_swarms_on_sigterm
 
 MATCHMAKING_TIME = 1.0
 AVERAGING_TIMEOUT = 10.0
@@ -227,6 +227,7 @@ def table(results: dict[str, list[RunResult]]) -> str:
 
 
 def main() -> None:
+    stop_swarms_on_sigterm()  # a killed run stops its peers too
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=10, help="runs per row (K)")
     parser.add_argument("--rows", nargs="*", default=None, help="only these rows (names as in the table)")

@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from lightning_moshpit.testing.launch import stop_swarms_on_sigterm
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from training_runs import (  # noqa: E402
@@ -126,6 +128,7 @@ def run(workdir: Path, name: str, mode: str, processes: int, common: list[str], 
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    stop_swarms_on_sigterm()  # a killed run stops its peers too
     args = parse_args(argv)
     load = os.getloadavg()[0]
     started = time.monotonic()

@@ -119,6 +119,21 @@ class ForkedPeer:
 PeerProcess = Union[subprocess.Popen, ForkedPeer]
 
 
+def stop_swarms_on_sigterm() -> None:
+    """Make SIGTERM (``kill``, ``timeout``) end this program like Ctrl-C does: by unwinding, so that every open
+    ``with LocalSwarm(...)`` stops its peers.
+
+    Python's default for SIGTERM is to die at once, without running ``finally`` blocks or ``__exit__``; the peers
+    forked from the forkserver then lived on (found after a ``pkill -f soak.py``: 10 peer processes and their p2pd
+    daemons, still running). For the main program of a benchmark; tests run under pytest, which stops swarms itself.
+    """
+
+    def _exit(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
+
+
 def write_atomically(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so that readers never see a partial file: a temporary file named after this process
     (several processes may publish the same path at once, e.g. every DDP rank of a benchmark), then a rename."""

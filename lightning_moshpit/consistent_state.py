@@ -50,6 +50,11 @@ log = logging.getLogger(__name__)
 FINAL_ROUND = "moshpit_final_round"
 
 
+def is_global_step(value: Any) -> bool:
+    """Whether a round's gathered value is a global step (an int; a bool is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def gathered_steps(gathered: dict) -> set[int]:
     """The global steps that the members of a parameter round gathered: hivemind's state rounds gather the step
     itself, our final rounds ``{FINAL_ROUND: step}``; anything else (no step known) is left out."""
@@ -57,7 +62,7 @@ def gathered_steps(gathered: dict) -> set[int]:
     for value in gathered.values():
         if isinstance(value, dict):
             value = value.get(FINAL_ROUND)
-        if isinstance(value, int) and not isinstance(value, bool):
+        if is_global_step(value):
             steps.add(value)
     return steps
 
@@ -77,7 +82,7 @@ def round_outcome(control: Optional[StepControl]) -> Optional[str]:
 def search_timeout(gather: Any, timeout: Optional[float], bound: Optional[float]) -> Optional[float]:
     """The timeout to book a parameter round with: ``timeout`` capped at ``bound`` (None: no cap) for a round of a
     global step (its ``gather`` is the step); other rounds (final rounds gather a tag) keep ``timeout``."""
-    if bound is None or not isinstance(gather, int) or isinstance(gather, bool):
+    if bound is None or not is_global_step(gather):
         return timeout
     return bound if timeout is None else min(timeout, bound)
 

@@ -40,7 +40,7 @@ from hivemind.p2p import PeerID
 from hivemind.utils import ValueWithExpiration, get_dht_time
 
 from lightning_moshpit.averaging import grid_bucket, grid_group_bits, key_length, random_group_bits, round_key
-from lightning_moshpit.consistent_state import FINAL_ROUND, ConsistentStateMixin, consistent
+from lightning_moshpit.consistent_state import FINAL_ROUND, consistent
 from lightning_moshpit.guards import ModelSignature, nonfinite_gradients
 from lightning_moshpit.hivemind_logs import PartialRoundCounter, quiet_expected_round_failures
 from lightning_moshpit.matchmaking import set_target_group_size
@@ -264,8 +264,8 @@ class SwarmOptimizer(hivemind.Optimizer):
         #: seconds a gradient round waits for the live swarm to join before it starts without the missing peers (see
         #: :meth:`_widen_matchmaking_window`); starts at 2 x matchmaking_time
         self.matchmaking_window = 2 * self.matchmaking_time
-        if isinstance(self.state_averager, ConsistentStateMixin):
-            self.state_averager.search_bound = lambda: self.parameter_round_search_seconds
+        # the state averager is always a ConsistentStateMixin (see _make_state_averager)
+        self.state_averager.search_bound = lambda: self.parameter_round_search_seconds
 
     def _make_progress_tracker(self, target_batch_size: int, **kwargs: Any) -> ProgressTracker:
         return SwarmProgressTracker(

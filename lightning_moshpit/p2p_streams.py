@@ -30,6 +30,18 @@ their last request) after its handler's last response, then keeps the socket ope
 is then always the side that has everything it wanted, so the reset that ``p2pd`` sends can no longer destroy data.
 A server that closes without the marker (an older peer, or a crash) still ends the client's iteration, as before.
 
+Leaving after a round
+---------------------
+A member's ``DecentralizedAverager.step`` returns as soon as *its own* averaged parts are in. The parts it reduced for
+the others may still be on their way, in the streams it serves. hivemind's ``_shutdown`` then lets the averager process
+exit at once, its socket closes, and ``p2pd`` resets those streams: a peer that leaves right after its last round cuts
+its partners' results off. They log "Averaging: received 0.0% results" and keep their own tensors, while hivemind reports
+the round as a success with the full group. It happened in CI to the 8-peer grid test (a partner's whole result lost,
+its final value 1.5 instead of 3.5), and it is what a swarm's final parameter round risks whenever one member is a
+little faster than the others. So :func:`install` also makes the averager's ``_shutdown`` wait, after it removed its
+handlers and cancelled its unfinished groups, until the streams it was serving have been closed by their readers
+(:func:`drain`, at most :data:`DRAIN_TIMEOUT` seconds and half the averager's ``shutdown_timeout``).
+
 Every peer of a swarm must run this protocol: a peer on stock hivemind (or on an older lightning_moshpit) reads the
 marker as an error from the handler and fails its rounds with peers that run it. Installation is global to the
 process (:func:`install`, called when :mod:`lightning_moshpit` is imported, before any averager process forks), because
@@ -43,6 +55,7 @@ import logging
 from contextlib import closing, suppress
 from typing import Any, AsyncIterator, Callable, Optional
 
+from hivemind.averaging import DecentralizedAverager
 from hivemind.p2p.p2p_daemon import P2P, P2PContext
 from hivemind.p2p.p2p_daemon_bindings.control import P2PHandlerError
 from hivemind.p2p.p2p_daemon_bindings.datastructures import PeerID, StreamInfo
@@ -54,6 +67,13 @@ logger = logging.getLogger(__name__)
 #: A live client closes within milliseconds; the bound only matters for a client that hangs without closing.
 LINGER_TIMEOUT = 5.0
 
+#: Longest wait, when an averager shuts down, for the streams it serves to be read to their end (see :func:`drain`).
+DRAIN_TIMEOUT = LINGER_TIMEOUT
+
+#: The stream handlers this process is running, with the name of the RPC each one serves (asyncio tasks of one
+#: event loop: each averager process serves its streams from one loop).
+_serving: dict[asyncio.Task, str] = {}
+
 _installed = False
 
 
@@ -62,11 +82,14 @@ def install() -> None:
     global _installed
     if _installed:
         return
-    for name in ("_add_protobuf_stream_handler", "_iterate_protobuf_stream_handler", "send_protobuf"):
-        if not hasattr(P2P, name):  # a hivemind whose P2P changed shape: do not patch blindly
-            raise RuntimeError(f"hivemind.P2P has no {name}; lightning_moshpit's stream fix supports hivemind 1.1.x")
+    for owner, name in ((P2P, "_add_protobuf_stream_handler"), (P2P, "_iterate_protobuf_stream_handler"),
+                        (P2P, "send_protobuf"), (DecentralizedAverager, "_shutdown")):  # fmt: skip
+        if not hasattr(owner, name):  # a hivemind whose classes changed shape: do not patch blindly
+            raise RuntimeError(f"hivemind's {owner.__name__} has no {name}; lightning_moshpit's stream fix supports "
+                               f"hivemind 1.1.x")  # fmt: skip
     P2P._add_protobuf_stream_handler = _add_protobuf_stream_handler
     P2P._iterate_protobuf_stream_handler = _iterate_protobuf_stream_handler
+    DecentralizedAverager._shutdown = _draining_shutdown(DecentralizedAverager._shutdown)
     _installed = True
 
 
@@ -87,6 +110,15 @@ async def _add_protobuf_stream_handler(
     """hivemind 1.1.12's ``P2P._add_protobuf_stream_handler``, ending each stream with the marker and a linger."""
 
     async def _handle_stream(stream_info: StreamInfo, reader: asyncio.StreamReader, writer: Any) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            _serving[task] = name
+        try:
+            await _serve_stream(stream_info, reader, writer)
+        finally:
+            _serving.pop(task, None)
+
+    async def _serve_stream(stream_info: StreamInfo, reader: asyncio.StreamReader, writer: Any) -> None:
         context = P2PContext(handle_name=name, local_id=self.peer_id, remote_id=stream_info.peer_id)
         requests: asyncio.Queue = asyncio.Queue(max_prefetch)
 
@@ -169,6 +201,35 @@ async def _linger_until_closed(
 
     with suppress(asyncio.TimeoutError):
         await asyncio.wait_for(_until_closed(), LINGER_TIMEOUT)
+
+
+# --------------------------------------------------------------------------------------------------------- leaving
+async def drain(timeout: float) -> int:
+    """Wait until the streams this process serves now have ended, or ``timeout`` seconds; how many were still open.
+
+    A served stream ends when its client closed it, that is, after the client read the last response (the protocol
+    above). Matchmaking streams (``rpc_join_group``) are not waited for: a peer that is leaving forms no more groups,
+    and its would-be followers give up on their own.
+    """
+    waited = [task for task, name in _serving.items()
+              if not name.endswith(".rpc_join_group") and task is not asyncio.current_task()]  # fmt: skip
+    if not waited:
+        return 0
+    _, still_open = await asyncio.wait(waited, timeout=timeout)
+    if still_open:
+        logger.debug(f"Left {len(still_open)} stream(s) unfinished after waiting {timeout:.1f} s for their readers")
+    return len(still_open)
+
+
+def _draining_shutdown(shutdown: Callable[..., Any]) -> Callable[..., Any]:
+    """``DecentralizedAverager._shutdown`` followed by :func:`drain`, so the averager exits after its readers did."""
+
+    async def _shutdown(self: DecentralizedAverager, timeout: Optional[float]) -> None:
+        await shutdown(self, timeout)  # removes this averager's handlers, cancels its unfinished groups
+        await drain(DRAIN_TIMEOUT if timeout is None else min(DRAIN_TIMEOUT, timeout / 2))
+
+    _shutdown.__wrapped__ = shutdown  # type: ignore[attr-defined]
+    return _shutdown
 
 
 # --------------------------------------------------------------------------------------------------------- client

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
 import time
 from typing import AsyncIterator
 
@@ -13,6 +16,7 @@ from hivemind.proto import test_pb2
 
 import lightning_moshpit  # noqa: F401  (installs the protocol)
 from lightning_moshpit import p2p_streams
+from lightning_moshpit.testing.launch import partial_allreduce_lines, start_module
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 
@@ -127,3 +131,61 @@ def test_a_client_that_stops_reading_early_releases_the_server() -> None:
             await server.shutdown()
 
     assert asyncio.run(scenario())
+
+
+def test_drain_waits_for_served_streams_but_not_past_its_timeout_nor_for_matchmaking() -> None:
+    """drain() returns once the streams served at the time have ended; one that never ends costs only the timeout."""
+
+    async def scenario() -> tuple[int, float, int, float]:
+        quick = asyncio.create_task(asyncio.sleep(0.2))
+        hung = asyncio.create_task(asyncio.sleep(60))
+        joining = asyncio.create_task(asyncio.sleep(60))
+        p2p_streams._serving.update({quick: "run::Averager.rpc_aggregate_part", joining: "run::Averager.rpc_join_group"})
+        try:
+            began = time.monotonic()
+            open_after_quick = await p2p_streams.drain(timeout=5)
+            waited_quick = time.monotonic() - began
+            assert quick.done() and not joining.done()
+            p2p_streams._serving[hung] = "run::Averager.rpc_download_state"
+            began = time.monotonic()
+            open_after_hung = await p2p_streams.drain(timeout=0.3)
+            return open_after_quick, waited_quick, open_after_hung, time.monotonic() - began
+        finally:
+            for task in (quick, hung, joining):
+                task.cancel()
+                p2p_streams._serving.pop(task, None)
+
+    open_after_quick, waited_quick, open_after_hung, waited_hung = asyncio.run(scenario())
+    assert open_after_quick == 0 and 0.15 < waited_quick < 3
+    assert open_after_hung == 1 and 0.25 < waited_hung < 3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_peer_that_leaves_right_after_its_round_still_delivers_its_partners_result(tmp_path) -> None:
+    """Two real peers: the reducer shuts down the moment its step returns, the reader reads its result 1 s late.
+
+    Before the averager drained its streams at shutdown, the reader got "received 0.0% results" and kept its own
+    tensor (1.0) every time, while hivemind reported a round of 2 (seen in CI on the 8-peer grid test).
+    """
+    env = {**os.environ}
+    env.pop("MOSHPIT_INITIAL_PEERS", None)
+    peers = {role: start_module("leaving_peer", [role, str(tmp_path), "1.0"], env, tmp_path / f"{role}.log")
+             for role in ("reducer", "reader")}  # fmt: skip
+    try:
+        codes = {role: process.wait(timeout=90) for role, process in peers.items()}
+    finally:
+        for process in peers.values():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(10)
+    logs = "\n".join((tmp_path / f"{role}.log").read_text() for role in peers)
+    assert codes == {"reducer": 0, "reader": 0}, logs[-4000:]
+    assert not partial_allreduce_lines(logs), partial_allreduce_lines(logs)
+    reducer, reader = (json.loads((tmp_path / f"{role}.json").read_text()) for role in peers)
+    print(f"reducer's shutdown took {reducer['shutdown_seconds']:.2f} s; reader's result {reader}")
+    assert reader["group_size"] == reducer["group_size"] == 2
+    assert reader["min"] == reader["max"] == 0.5 and reducer["min"] == reducer["max"] == 0.5
+    # it waited for its reader, and not longer than the drain's bound (half the default 5 s shutdown_timeout) plus
+    # the DHT's shutdown
+    assert 0.8 < reducer["shutdown_seconds"] < 2.5 + 5

@@ -73,6 +73,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="where to write the JSON report")
     parser.add_argument("--address-file", type=Path, default=None, help="write this peer's multiaddrs here")
     parser.add_argument("--max-steps", type=int, default=60, help="local optimizer steps (Trainer max_steps)")
+    parser.add_argument("--max-global-steps", type=int, default=None,
+                        help="stop at this global step of the swarm instead (MoshpitStrategy max_global_steps)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0, help="model init, data order and edit seed")
     parser.add_argument("--compute-seconds", type=float, default=0.0, help="sleep per batch to emulate compute")
@@ -97,6 +99,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         min_peers=args.min_peers,
         matchmaking_time=args.matchmaking_time,
         averaging_timeout=args.averaging_timeout,
+        max_global_steps=args.max_global_steps,
         host_maddrs=os.environ.get("MOSHPIT_HOST_MADDRS", "/ip4/127.0.0.1/tcp/0"),
     )
     if args.address_file is not None:

@@ -38,9 +38,10 @@ exit at once, its socket closes, and ``p2pd`` resets those streams: a peer that 
 its partners' results off. They log "Averaging: received 0.0% results" and keep their own tensors, while hivemind reports
 the round as a success with the full group. It happened in CI to the 8-peer grid test (a partner's whole result lost,
 its final value 1.5 instead of 3.5), and it is what a swarm's final parameter round risks whenever one member is a
-little faster than the others. So :func:`install` also makes the averager's ``_shutdown`` wait, after it removed its
-handlers and cancelled its unfinished groups, until the streams it was serving have been closed by their readers
-(:func:`drain`, at most :data:`DRAIN_TIMEOUT` seconds and half the averager's ``shutdown_timeout``).
+little faster than the others. So :func:`install` also replaces the averager's ``_shutdown`` (:func:`_shutdown`, which
+also repairs hivemind's cancellation of unfinished rounds): after it removed its handlers and cancelled its unfinished
+rounds, it waits until the streams it was serving have been closed by their readers (:func:`drain`, at most
+:data:`DRAIN_TIMEOUT` seconds and half the averager's ``shutdown_timeout``).
 
 Every peer of a swarm must run this protocol: a peer on stock hivemind (or on an older lightning_moshpit) reads the
 marker as an error from the handler and fails its rounds with peers that run it. Installation is global to the
@@ -52,6 +53,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import time
 from contextlib import closing, suppress
 from typing import Any, AsyncIterator, Callable, Optional
 
@@ -73,6 +76,7 @@ DRAIN_TIMEOUT = LINGER_TIMEOUT
 #: The stream handlers this process is running, with the name of the RPC each one serves (asyncio tasks of one
 #: event loop: each averager process serves its streams from one loop).
 _serving: dict[asyncio.Task, str] = {}
+os.register_at_fork(after_in_child=_serving.clear)  # a forked averager serves its own streams, not its parent's
 
 _installed = False
 
@@ -89,7 +93,7 @@ def install() -> None:
                                f"hivemind 1.1.x")  # fmt: skip
     P2P._add_protobuf_stream_handler = _add_protobuf_stream_handler
     P2P._iterate_protobuf_stream_handler = _iterate_protobuf_stream_handler
-    DecentralizedAverager._shutdown = _draining_shutdown(DecentralizedAverager._shutdown)
+    DecentralizedAverager._shutdown = _shutdown
     _installed = True
 
 
@@ -211,8 +215,9 @@ async def drain(timeout: float) -> int:
     above). Matchmaking streams (``rpc_join_group``) are not waited for: a peer that is leaving forms no more groups,
     and its would-be followers give up on their own.
     """
+    loop = asyncio.get_running_loop()
     waited = [task for task, name in _serving.items()
-              if not name.endswith(".rpc_join_group") and task is not asyncio.current_task()]  # fmt: skip
+              if not name.endswith(".rpc_join_group") and task.get_loop() is loop and task is not asyncio.current_task()]  # fmt: skip
     if not waited:
         return 0
     _, still_open = await asyncio.wait(waited, timeout=timeout)
@@ -221,15 +226,27 @@ async def drain(timeout: float) -> int:
     return len(still_open)
 
 
-def _draining_shutdown(shutdown: Callable[..., Any]) -> Callable[..., Any]:
-    """``DecentralizedAverager._shutdown`` followed by :func:`drain`, so the averager exits after its readers did."""
+async def _shutdown(self: DecentralizedAverager, timeout: Optional[float]) -> None:
+    """``DecentralizedAverager._shutdown`` of hivemind 1.1.12, repaired, then :func:`drain`.
 
-    async def _shutdown(self: DecentralizedAverager, timeout: Optional[float]) -> None:
-        await shutdown(self, timeout)  # removes this averager's handlers, cancels its unfinished groups
-        await drain(DRAIN_TIMEOUT if timeout is None else min(DRAIN_TIMEOUT, timeout / 2))
-
-    _shutdown.__wrapped__ = shutdown  # type: ignore[attr-defined]
-    return _shutdown
+    hivemind's version removes the averager's handlers, then calls ``finalize(cancel=True)`` on every registered round
+    and gathers what that returns. But it holds a *future* of each round's ``AllReduceRunner`` (whose ``finalize``
+    returns nothing), so with any round registered, that is, whenever a peer left in the middle of a round, it raised
+    ``AttributeError`` and the averager's thread died with a traceback. Here a running round's runner is cancelled
+    (its members see this peer leave) and a round still being set up is cancelled before it starts.
+    """
+    # half of ``timeout`` at most, counted from here: hivemind's shutdown() waits ``timeout`` for the whole exit
+    deadline = time.monotonic() + (DRAIN_TIMEOUT if timeout is None else min(DRAIN_TIMEOUT, timeout / 2))
+    try:
+        if not self.client_mode:
+            await self.remove_p2p_handlers(self._p2p, namespace=self.prefix)
+        for group in list(self._running_groups.values()):
+            if group.done() and not group.cancelled() and group.exception() is None:
+                group.result().finalize(cancel=True)
+            else:
+                group.cancel()
+    finally:
+        await drain(max(0.0, deadline - time.monotonic()))
 
 
 # --------------------------------------------------------------------------------------------------------- client

@@ -26,6 +26,9 @@ from lightning_moshpit.testing.launch import write_atomically
 #: Large enough that the result does not fit in the sockets' buffers between the two daemons and the reader.
 NUM_VALUES = 4_000_000
 
+#: hivemind's default is 5 s, of which the averager drains its streams for at most half: more room on a loaded machine.
+SHUTDOWN_TIMEOUT = 12.0
+
 
 def read_results_late(delay: float) -> None:
     """Make this process start reading each ``rpc_aggregate_part`` response stream ``delay`` seconds late."""
@@ -60,7 +63,7 @@ def main(role: str, workdir: Path, delay: float) -> None:
         write_atomically(address_file, ",".join(str(a) for a in dht.get_visible_maddrs()))
     averager = hivemind.DecentralizedAverager(
         [torch.full((NUM_VALUES,), 1.0 if reader else 0.0)], dht, prefix=f"leaving_{workdir.name}", start=True,
-        client_mode=reader, min_matchmaking_time=1.0, **averager_options(2, 1.0, ""),
+        client_mode=reader, min_matchmaking_time=1.0, shutdown_timeout=SHUTDOWN_TIMEOUT, **averager_options(2, 1.0, ""),
     )  # fmt: skip
     group = averager.step(timeout=60)
     with averager.get_tensors() as tensors:

@@ -24,16 +24,6 @@ failed round is not applied either: hivemind copies the averaging buffers back e
 all-reduce they hold a partial average. With delayed parameter updates (``reuse_tensors``) the round writes into the
 parameters directly and none of this applies.
 
-It averages the optimizer's per-parameter statistics too (:func:`optimizer_statistics`: SGD's momentum, Adam's
-moments), not only the parameters and buffers. hivemind averages only the statistics named in
-``average_opt_statistics``, which defaults to none. Then a peer whose gradients once differed from the others' (a
-partial all-reduce when a member was killed mid-round, or a step taken alone) kept a different momentum for good, and
-every later step moved its parameters differently: parameter rounds pulled them back together, the next update pushed
-them apart again. Seen in a clean-clone run of ``tests/scenarios/test_crash.py``: after the partial round of the
-killed peer, the survivors' parameters stayed 4e-3 to 1.5e-2 apart for the rest of the run, shrinking by SGD's
-momentum factor 0.9 per step. A parameter round now carries the statistics as well (2x the bytes of the parameters
-under SGD with momentum, 3x under Adam), and one full round leaves its members with one state.
-
 Last, it bounds how long a parameter round looks for its group (:attr:`ConsistentStateMixin.search_bound`).
 hivemind runs the round in the state averager's one background thread, after the optimizer step, and lets it search
 until the round's whole timeout (``averaging_timeout``). The *next* optimizer step queues behind it in that thread, so
@@ -49,9 +39,8 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
-import torch
 from hivemind.averaging.control import StepControl
 from hivemind.optim.state_averager import TrainingStateAverager
 
@@ -98,21 +87,6 @@ def search_timeout(gather: Any, timeout: Optional[float], bound: Optional[float]
     return bound if timeout is None else min(timeout, bound)
 
 
-def optimizer_statistics(optimizer: torch.optim.Optimizer) -> tuple[str, ...]:
-    """The names of ``optimizer``'s per-parameter statistics: the state entries that every parameter holds as a floating
-    tensor of its own shape (SGD's ``momentum_buffer``; Adam's ``exp_avg``, ``exp_avg_sq``). Adam's ``step`` counter is
-    no statistic, even for a scalar parameter. hivemind initializes the state (one step on zero gradients) first."""
-    names: Optional[set[str]] = None
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            state = optimizer.state.get(param, {})
-            held = {name for name, value in state.items()
-                    if name != "step" and isinstance(value, torch.Tensor) and value.is_floating_point()
-                    and value.shape == param.shape}  # fmt: skip
-            names = held if names is None else names & held
-    return tuple(sorted(names or ()))
-
-
 class ConsistentStateMixin(TrainingStateAverager):
     """Put it first in the bases: ``class X(ConsistentStateMixin, TrainingStateAverager)``."""
 
@@ -127,25 +101,6 @@ class ConsistentStateMixin(TrainingStateAverager):
         self._state_lock = threading.RLock()
         self._state_round: Optional[StepControl] = None  # the control of the latest parameter round (see _do)
         super().__init__(*args, **kwargs)
-
-    def _init_averaged_tensors(self) -> Any:
-        # hivemind calls this once its optimizer exists, with statistics initialized (one step on zero gradients)
-        if not self.opt_keys_for_averaging:  # none named by the user: all of them (see the module docstring)
-            self.opt_keys_for_averaging = optimizer_statistics(self.optimizer)
-        return super()._init_averaged_tensors()
-
-    def _local_tensors(self) -> Iterator[torch.Tensor]:
-        # hivemind 1.1.12's, except that a statistic a parameter does not hold (ResIST clears the optimizer's state when
-        # it repartitions; a parameter outside the trained sub-network gets none) is a zero tensor of this round only,
-        # where hivemind raised KeyError; it is not put into the optimizer's state, whose own first step creates it
-        for group in self.optimizer.param_groups:
-            yield from group["params"]
-        for name in self.opt_keys_for_averaging:
-            for group in self.optimizer.param_groups:
-                for param in group["params"]:
-                    value = self.optimizer.state.get(param, {}).get(name)
-                    yield value if value is not None else torch.zeros_like(param)
-        yield from self.extra_tensors
 
     def _search_bound(self) -> Optional[float]:
         return None if self.search_bound is None else self.search_bound()

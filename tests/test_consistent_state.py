@@ -8,18 +8,9 @@ from __future__ import annotations
 from concurrent.futures import Future
 from typing import Any
 
-import pytest
-import torch
-from hivemind.optim.state_averager import initialize_optimizer_state_
 from hivemind.p2p import PeerID
 
-from lightning_moshpit.consistent_state import (
-    FINAL_ROUND,
-    gathered_steps,
-    optimizer_statistics,
-    round_outcome,
-    search_timeout,
-)
+from lightning_moshpit.consistent_state import FINAL_ROUND, gathered_steps, round_outcome, search_timeout
 
 PEERS = [PeerID(f"peer{i}".encode()) for i in range(3)]
 
@@ -72,17 +63,3 @@ def test_a_round_of_a_global_step_searches_at_most_the_bound() -> None:
 def test_a_final_round_keeps_its_timeout() -> None:
     assert search_timeout({FINAL_ROUND: 16}, 30.0, 3.0) == 30.0
     assert search_timeout(True, 30.0, 3.0) == 30.0  # a bool is not a step
-
-
-@pytest.mark.parametrize("make, expected", [
-    (lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9), ("momentum_buffer",)),
-    (lambda params: torch.optim.SGD(params, lr=0.1), ()),
-    (lambda params: torch.optim.Adam(params, lr=0.1), ("exp_avg", "exp_avg_sq")),
-    (lambda params: torch.optim.Adam(params, lr=0.1, amsgrad=True), ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")),
-])  # fmt: skip
-def test_optimizer_statistics_are_the_per_parameter_tensors_after_hiveminds_zero_step(make, expected) -> None:
-    # a scalar parameter too: Adam's step counter has its shape, and is still no statistic
-    params = [torch.nn.Parameter(torch.ones(3, 2)), torch.nn.Parameter(torch.tensor(1.0))]
-    optimizer = make(params)
-    initialize_optimizer_state_(optimizer)
-    assert optimizer_statistics(optimizer) == expected

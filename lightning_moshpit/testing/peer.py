@@ -197,28 +197,6 @@ class StopWhenFileExists(L.Callback):
             trainer.should_stop = True
 
 
-class SkewMomentum(L.Callback):
-    """Fault injection: once the swarm reaches global step ``at_step``, add ``amount`` to this peer's optimizer
-    statistics, as a round this peer alone missed (or a partial all-reduce) leaves them different from the others'.
-    Parameter rounds must bring them back (``tests/test_swarm_modes.py``)."""
-
-    def __init__(self, at_step: int, amount: float = 0.05) -> None:
-        self.at_step, self.amount, self.done = at_step, amount, False
-
-    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:  # fmt: skip
-        if self.done or getattr(trainer.strategy, "global_step", trainer.global_step) < self.at_step:
-            return
-        optimizer = trainer.optimizers[0]
-        optimizer = getattr(optimizer, "opt", optimizer)  # hivemind.Optimizer keeps the real one in .opt
-        with torch.no_grad():
-            for state in optimizer.state.values():
-                for value in state.values():
-                    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.is_floating_point():
-                        value.add_(self.amount)
-        self.done = True
-
-
 def evaluate(model: nn.Module, data: TensorDataset) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) of ``model.net`` on ``data``; NaN parameters give NaN loss and low accuracy."""
     inputs, labels = data.tensors
@@ -290,8 +268,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--end-at-global-step", type=int, default=None,
                         help="MoshpitStrategy(max_global_steps=...): stop there with the final parameter round")
     parser.add_argument("--local-updates", action="store_true", help="MoshpitStrategy(local_updates=True)")
-    parser.add_argument("--skew-momentum-at-step", type=int, default=None,
-                        help="fault injection: shift this peer's momentum once the swarm reaches this global step")
     parser.add_argument("--stop-file", type=Path, default=None, help="also stop (cleanly) once this file exists")
     args = parser.parse_args(argv)
 
@@ -316,8 +292,6 @@ def main(argv: Optional[list[str]] = None) -> None:
         callbacks.append(StopAtGlobalStep(args.max_global_steps))
     if args.stop_file is not None:
         callbacks.append(StopWhenFileExists(args.stop_file))
-    if args.skew_momentum_at_step is not None:
-        callbacks.insert(0, SkewMomentum(args.skew_momentum_at_step))  # before the recorder: it records the skew
     if args.ckpt_dir is not None:
         callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=args.ckpt_dir, save_last=True,
                                                              every_n_train_steps=1, save_top_k=0))  # fmt: skip

@@ -668,8 +668,9 @@ class SwarmOptimizer(hivemind.Optimizer):
         Gradient averaging applies the same update to every member, so a peer that missed a round (or took part in a
         partial one) keeps its offset from the others until a parameter round includes it. hivemind's parameter
         rounds run in the background and are applied at the *next* step, which a stopping peer never takes. So at
-        ``max_global_steps`` every peer applies what is pending, then averages parameters, optimizer statistics and
-        buffers synchronously with the peers that stop with it.
+        ``max_global_steps`` every peer applies what is pending, then averages parameters and floating buffers
+        synchronously with the peers that stop with it. (Not the optimizer's statistics: hivemind averages only those
+        named in ``average_opt_statistics``, none by default; see the CHANGELOG's known issues.)
 
         Peers reach the last step up to a few seconds apart (a slow process applies its last update later), and a
         final round can match a late peer's ordinary background round. So each final round gathers a
